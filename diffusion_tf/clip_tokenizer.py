@@ -1,0 +1,194 @@
+"""Byte-pair-encoding tokenizer of OpenAI CLIP, as used by Stable Diffusion's text encoder."""
+
+import gzip
+import html
+import json
+import os
+import re
+import warnings
+
+import ftfy
+import numpy as np
+import regex
+
+_DEFAULT_VOCAB = os.path.join(os.path.dirname(__file__), "data", "clip", "bpe_simple_vocab_16e6.txt.gz")
+_NUM_MERGES = 49152 - 256 - 2  # merges used by CLIP from the OpenAI vocabulary file
+_BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
+# Literal special tokens are split out first (as transformers does; OpenAI's single regex would let a
+# preceding punctuation run swallow the "<|"), then each remaining segment is pre-tokenized by CLIP's pattern.
+# No IGNORECASE (OpenAI has it; it is moot after lower() except that it makes U+0345 match nothing and vanish).
+_SPECIAL = regex.compile(r"(<\|startoftext\|>|<\|endoftext\|>)")
+_PATTERN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
+_MAX_CACHE = 100_000
+
+
+def _bytes_to_unicode():
+    """Map every byte to a printable character: printable latin-1 bytes to themselves, the rest to
+    chr(256 + n). The dict order (printable bytes first) is the order of the 256 base vocabulary symbols."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    for n, b in enumerate(b for b in range(256) if b not in table):
+        table[b] = chr(256 + n)
+    return table
+
+
+def _clean(text):
+    """ftfy fix, html unescape, whitespace collapse and lowercase (as OpenAI CLIP does)."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def _pad_token_from(config):
+    """Pad token string from a special_tokens_map.json / tokenizer_config.json dict, or None."""
+    token = config.get("pad_token")
+    if isinstance(token, dict):
+        token = token.get("content")
+    return token if isinstance(token, str) else None
+
+
+class CLIPTokenizer:
+    """CLIP BPE tokenizer producing fixed-length int32 id arrays for the CLIP text encoder.
+
+    With no files it uses the packaged OpenAI vocabulary; otherwise a diffusers/transformers
+    `vocab.json` + `merges.txt` pair. `pad_token_id` is 49407 for SD 1.x and 0 ("!") for SD 2.x; it is
+    used for padding only: a "!" in the prompt is tokenized normally, as open_clip does (transformers with
+    pad_token "!" would map it to 0 too, see diffusers issue #4153).
+    """
+
+    def __init__(self, vocab_file=None, merges_file=None, context_length=77, pad_token_id=49407):
+        if (vocab_file is None) != (merges_file is None):
+            raise ValueError("vocab_file and merges_file must be given together (or neither).")
+        if context_length < 2:
+            raise ValueError(f"context_length must be at least 2, got {context_length}.")
+        self.byte_encoder = _bytes_to_unicode()
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        if vocab_file is None:
+            with gzip.open(_DEFAULT_VOCAB, "rt", encoding="utf-8") as f:
+                lines = f.read().split("\n")[1 : _NUM_MERGES + 1]
+            merges = [tuple(line.split()) for line in lines]
+            symbols = list(self.byte_encoder.values())
+            tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [_BOS, _EOS]
+            self.encoder = {token: i for i, token in enumerate(tokens)}
+        else:
+            with open(vocab_file, encoding="utf-8") as f:
+                self.encoder = json.load(f)
+            with open(merges_file, encoding="utf-8") as f:
+                lines = [line for line in f.read().split("\n") if line and not line.startswith("#version")]
+            merges = [tuple(line.split()) for line in lines]
+        self.decoder = {i: token for token, i in self.encoder.items()}
+        self.bpe_ranks = {pair: rank for rank, pair in enumerate(merges)}
+        self.bos_token_id = self.encoder[_BOS]
+        self.eos_token_id = self.encoder[_EOS]
+        if pad_token_id not in self.decoder:
+            raise ValueError(f"pad_token_id {pad_token_id} is not in the vocabulary.")
+        self.context_length = int(context_length)
+        self.pad_token_id = int(pad_token_id)
+        self._cache = {}
+
+    @classmethod
+    def from_folder(cls, path, context_length=77):
+        """Load a diffusers/transformers tokenizer folder (vocab.json, merges.txt, optional pad token)."""
+        pad_token = _EOS
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):  # later file wins
+            config_path = os.path.join(path, name)
+            if os.path.exists(config_path):
+                with open(config_path, encoding="utf-8") as f:
+                    pad_token = _pad_token_from(json.load(f)) or pad_token
+        with open(os.path.join(path, "vocab.json"), encoding="utf-8") as f:
+            vocab = json.load(f)
+        if pad_token not in vocab:
+            raise ValueError(f"pad token {pad_token!r} from {path} is not in the vocabulary.")
+        return cls(
+            os.path.join(path, "vocab.json"),
+            os.path.join(path, "merges.txt"),
+            context_length=context_length,
+            pad_token_id=vocab[pad_token],
+        )
+
+    def get_config(self):
+        return {"context_length": self.context_length, "pad_token_id": self.pad_token_id}
+
+    def save_vocabulary(self, folder):
+        """Write `vocab.json` and `merges.txt` as transformers' CLIPTokenizer reads them; returns the paths."""
+        os.makedirs(folder, exist_ok=True)
+        vocab_path = os.path.join(folder, "vocab.json")
+        merges_path = os.path.join(folder, "merges.txt")
+        with open(vocab_path, "w", encoding="utf-8") as f:
+            f.write(json.dumps(self.encoder, indent=2, ensure_ascii=False) + "\n")
+        with open(merges_path, "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n")
+            for pair, _ in sorted(self.bpe_ranks.items(), key=lambda item: item[1]):
+                f.write(" ".join(pair) + "\n")
+        return vocab_path, merges_path
+
+    def _bpe(self, token):
+        """Split one pre-token (already mapped to byte symbols) into BPE symbols."""
+        if token in self._cache:
+            return self._cache[token]
+        word = list(token[:-1]) + [token[-1] + "</w>"]
+        while len(word) > 1:
+            pairs = set(zip(word[:-1], word[1:]))
+            best = min(pairs, key=lambda pair: self.bpe_ranks.get(pair, float("inf")))
+            if best not in self.bpe_ranks:
+                break
+            merged, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    merged.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = merged
+        if len(self._cache) >= _MAX_CACHE:
+            self._cache.clear()
+        self._cache[token] = word
+        return word
+
+    def encode(self, text):
+        """Token ids of `text`, without BOS/EOS and without truncation."""
+        ids = []
+        for segment in _SPECIAL.split(_clean(text)):
+            if segment in (_BOS, _EOS):
+                ids.append(self.encoder[segment])
+                continue
+            for piece in _PATTERN.findall(segment):
+                symbols = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
+                ids.extend(self.encoder[s] for s in self._bpe(symbols))
+        return ids
+
+    def decode(self, ids):
+        """Text of token ids (end-of-word markers become spaces)."""
+        text = "".join(self.decoder[int(i)] for i in ids)
+        data = bytearray(self.byte_decoder[c] for c in text)
+        return data.decode("utf-8", errors="replace").replace("</w>", " ").strip()
+
+    def __call__(self, prompts):
+        """int32 array [batch, context_length]: BOS + ids + EOS, truncated, then padded."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        elif not isinstance(prompts, (list, tuple)):
+            raise ValueError(f"prompts must be a str or a list of str, got {prompts!r} ({type(prompts).__name__}).")
+        if not prompts:
+            raise ValueError("prompts must be a str or a non-empty list of str, got an empty list.")
+        for prompt in prompts:
+            if not isinstance(prompt, str):
+                raise ValueError(
+                    f"each prompt must be a str (prompts: a str or a list of str), got {prompt!r} "
+                    f"({type(prompt).__name__})."
+                )
+        out = np.full((len(prompts), self.context_length), self.pad_token_id, dtype=np.int32)
+        keep = self.context_length - 2
+        for row, prompt in enumerate(prompts):
+            ids = self.encode(prompt)
+            if len(ids) > keep:
+                warnings.warn(
+                    "The following part of your prompt was truncated because CLIP can only handle sequences "
+                    f"up to {self.context_length} tokens: {self.decode(ids[keep:])!r}",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                ids = ids[:keep]
+            tokens = [self.bos_token_id, *ids, self.eos_token_id]
+            out[row, : len(tokens)] = tokens
+        return out

@@ -1,0 +1,90 @@
+"""Multi-head attention with the diffusers key names (to_q, to_k, to_v, to_out.0)."""
+
+import keras
+from keras import ops
+
+from diffusion_tf.layers.ops_util import dense
+
+
+def scaled_dot_product_attention(q, k, v, scale, mask=None):
+    """Softmax attention on [B, N, H, D] tensors; scores and softmax in float32.
+
+    `mask` is added to the [B, H, Nq, Nk] scores (0 = keep, -inf = drop).
+    """
+    dtype = q.dtype
+    q = ops.cast(q, "float32")
+    k = ops.cast(k, "float32")
+    scores = ops.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if mask is not None:
+        scores = scores + mask
+    probs = ops.cast(ops.softmax(scores, axis=-1), dtype)
+    return ops.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+class Attention(keras.layers.Layer):
+    """Self- or cross-attention over token sequences [B, N, C].
+
+    Args:
+        query_dim: channels of the queries (and of the output).
+        heads: number of heads.
+        dim_head: channels per head.
+        cross_attention_dim: channels of the context; `None` for self-attention.
+        qkv_bias: whether to_q/to_k/to_v have a bias (the UNet's do not,
+            the VAE's do).
+    """
+
+    def __init__(
+        self,
+        query_dim,
+        heads,
+        dim_head,
+        cross_attention_dim=None,
+        qkv_bias=False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        inner = heads * dim_head
+
+        # === Layers ===
+        self.to_q = dense(inner, "to_q", self.dtype_policy, use_bias=qkv_bias)
+        self.to_k = dense(inner, "to_k", self.dtype_policy, use_bias=qkv_bias)
+        self.to_v = dense(inner, "to_v", self.dtype_policy, use_bias=qkv_bias)
+        self.to_out = [dense(query_dim, "to_out_0", self.dtype_policy)]
+
+        # === Config ===
+        self.query_dim = query_dim
+        self.heads = heads
+        self.dim_head = dim_head
+        self.cross_attention_dim = cross_attention_dim
+        self.qkv_bias = qkv_bias
+
+    def split_heads(self, x):
+        b, n = ops.shape(x)[0], ops.shape(x)[1]
+        return ops.reshape(x, (b, n, self.heads, self.dim_head))
+
+    def attend(self, q, k, v):
+        """Combine [B, N, H, D] queries, keys and values; overridden by LinearAttention."""
+        return scaled_dot_product_attention(q, k, v, self.dim_head**-0.5)
+
+    def call(self, x, context=None):
+        context = x if context is None else context
+        q = self.split_heads(self.to_q(x))
+        k = self.split_heads(self.to_k(context))
+        v = self.split_heads(self.to_v(context))
+        out = self.attend(q, k, v)
+        b, n = ops.shape(out)[0], ops.shape(out)[1]
+        out = ops.reshape(out, (b, n, self.heads * self.dim_head))
+        return self.to_out[0](out)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "query_dim": self.query_dim,
+                "heads": self.heads,
+                "dim_head": self.dim_head,
+                "cross_attention_dim": self.cross_attention_dim,
+                "qkv_bias": self.qkv_bias,
+            }
+        )
+        return config

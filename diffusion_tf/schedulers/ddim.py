@@ -1,0 +1,61 @@
+"""DDIM: Song et al., "Denoising Diffusion Implicit Models" (2020), eq. (12)."""
+
+from keras import ops
+
+from diffusion_tf.schedulers.schedule import predicted_original_and_noise
+from diffusion_tf.schedulers.scheduler import Scheduler, as_float
+
+
+class DDIMScheduler(Scheduler):
+    """Deterministic for `eta=0`; `eta=1` is DDPM-like ancestral sampling.
+
+    `set_alpha_to_one=False` (Stable Diffusion) uses alpha_bar_0 as the "previous"
+    alpha of the last step; True uses 1.
+    """
+
+    name = "ddim"
+
+    def __init__(
+        self,
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        timestep_spacing="leading",
+        steps_offset=1,
+        set_alpha_to_one=False,
+        eta=0.0,
+    ):
+        super().__init__(
+            num_train_timesteps, beta_start, beta_end, beta_schedule,
+            prediction_type, timestep_spacing, steps_offset,
+        )
+        self.set_alpha_to_one = set_alpha_to_one
+        self.eta = eta
+        self.final_alpha_cumprod = 1.0 if set_alpha_to_one else float(self.alphas_cumprod[0])
+
+    def step(self, model_output, t, sample, noise=None):
+        """x_t -> x_{t-1}. `noise` (standard normal, shape of sample) is used when eta > 0."""
+        model_output, sample = as_float(model_output), as_float(sample)
+        # 1. previous timestep t - Δ, Δ = num_train_timesteps // num_inference_steps
+        prev_t = ops.cast(t, "int32") - self.num_train_timesteps // self.num_inference_steps
+        # 2. alpha_bar_t and alpha_bar_{t-Δ}
+        a_t = self.alpha_bar(t)
+        a_prev = ops.where(
+            prev_t >= 0, self.alpha_bar(ops.maximum(prev_t, 0)), self.final_alpha_cumprod
+        )
+        # 3. "predicted x_0" and the noise, from the model's parameterisation
+        x0, eps = predicted_original_and_noise(self.prediction_type, model_output, sample, a_t)
+        # 4. sigma_t(eta) = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)  (eq. 16)
+        variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+        sigma = self.eta * variance**0.5
+        # 5. "direction pointing to x_t": sqrt(1 - a_prev - sigma^2) * eps
+        direction = (1 - a_prev - sigma**2) ** 0.5 * eps
+        # 6. x_{t-1} = sqrt(a_prev) x0 + direction + sigma * z  (eq. 12)
+        prev = a_prev**0.5 * x0 + direction
+        if self.eta > 0:
+            if noise is None:
+                raise ValueError("DDIMScheduler.step with eta > 0 needs `noise`.")
+            prev = prev + sigma * as_float(noise)
+        return prev

@@ -1,0 +1,159 @@
+"""Checkpoint-style names for the variables of a model, and loading/saving by name.
+
+A model's weights are addressed by the keys diffusers / transformers use
+(`down_blocks.0.resnets.1.conv1.weight`): the key of a variable is the path of
+attribute names from the model to the Keras layer that owns it, list indices
+included, then the PyTorch parameter name. Only three layouts differ from
+PyTorch's, and they are the complete list of transposes:
+
+    Dense  kernel [in, out]          <-> weight [out, in]
+    Conv2D kernel [kh, kw, in, out]  <-> weight [out, in, kh, kw]
+    norms  gamma / beta, Embedding embeddings <-> weight / bias, weight (no transpose)
+
+Our weight files (`*.weights.h5`) store these keys with PyTorch layouts, so a
+diffusers state dict converts by name alone.
+"""
+
+import os
+import tempfile
+
+import h5py
+import keras
+import numpy as np
+
+# Keras class -> {variable attribute: (torch parameter name, to_torch transpose)}
+_PARAMS = {
+    keras.layers.Dense: {"kernel": ("weight", (1, 0)), "bias": ("bias", None)},
+    keras.layers.Conv2D: {"kernel": ("weight", (3, 2, 0, 1)), "bias": ("bias", None)},
+    keras.layers.LayerNormalization: {"gamma": ("weight", None), "beta": ("bias", None)},
+    keras.layers.GroupNormalization: {"gamma": ("weight", None), "beta": ("bias", None)},
+    keras.layers.Embedding: {"embeddings": ("weight", None)},
+}
+
+
+class WeightsError(ValueError):
+    """A weights file or state dict that does not fit the model."""
+
+
+def _leaf_params(layer):
+    for cls, params in _PARAMS.items():
+        if isinstance(layer, cls):
+            return params
+    return None
+
+
+def named_variables(model):
+    """{key: (keras variable, to_torch transpose or None)} for every weight of `model`."""
+    out = {}
+
+    def visit(layer, prefix):
+        params = _leaf_params(layer)
+        if params is not None:
+            for attr, (name, perm) in params.items():
+                variable = getattr(layer, attr, None)
+                if variable is not None:
+                    out[prefix + name] = (variable, perm)
+            return
+        for attr, value in vars(layer).items():
+            if attr.startswith("_"):
+                continue
+            if isinstance(value, keras.layers.Layer):
+                visit(value, f"{prefix}{attr}.")
+            elif isinstance(value, (list, tuple)):
+                for i, item in enumerate(value):
+                    if isinstance(item, keras.layers.Layer):
+                        visit(item, f"{prefix}{attr}.{i}.")
+
+    visit(model, "")
+    n_vars = len(model.weights)
+    if n_vars != len(out):
+        raise RuntimeError(
+            f"{type(model).__name__}: {n_vars} variables but {len(out)} named ones; "
+            "a layer is not reachable through public attributes."
+        )
+    return out
+
+
+def _to_torch(value, perm):
+    return np.transpose(value, perm) if perm else value
+
+
+def get_state_dict(model):
+    """{key: numpy array in PyTorch layout}."""
+    return {
+        key: _to_torch(keras.ops.convert_to_numpy(var), perm)
+        for key, (var, perm) in named_variables(model).items()
+    }
+
+
+def set_state_dict(model, state_dict, source="state dict"):
+    """Assign a PyTorch-layout state dict to `model`, strictly.
+
+    Every variable must get a value of the right shape and every entry must be
+    used; otherwise a WeightsError names the keys, and the model is unchanged
+    (all checks run before the first assignment).
+    """
+    variables = named_variables(model)
+    missing = sorted(set(variables) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(variables))
+    if missing or unexpected:
+        raise WeightsError(
+            f"{source} does not fit {type(model).__name__} (corrupt or for another model): "
+            f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys "
+            f"{unexpected[:5]}."
+        )
+    values = {}
+    for key, (var, perm) in variables.items():
+        value = np.asarray(state_dict[key])
+        expected = tuple(_to_torch(np.empty(var.shape, dtype="b"), perm).shape)
+        if value.shape != expected:
+            raise WeightsError(
+                f"{source}: {key} has shape {value.shape}, {type(model).__name__} expects "
+                f"{expected} (corrupt or for another model)."
+            )
+        if not np.all(np.isfinite(value)):
+            raise WeightsError(f"{source}: {key} contains NaN or Inf values.")
+        inverse = tuple(np.argsort(perm)) if perm else None
+        values[key] = _to_torch(value, inverse).astype(var.dtype)
+    for key, (var, _) in variables.items():
+        var.assign(values[key])
+
+
+def save_weights(model, path, dtype=None):
+    """Write the model's state dict to an HDF5 file, atomically (temp file + rename)."""
+    state = get_state_dict(model)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = "diffusion_tf.state_dict.v1"
+            f.attrs["model"] = type(model).__name__
+            for key, value in state.items():
+                f.create_dataset(key, data=value.astype(dtype) if dtype else value)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read_weights(path):
+    """Read a `*.weights.h5` written by `save_weights` into {key: array}."""
+    if not os.path.isfile(path):
+        raise WeightsError(f"weights file {path!r} does not exist.")
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != "diffusion_tf.state_dict.v1":
+                raise WeightsError(f"{path!r} is not a diffusion_tf weights file.")
+            return {key: f[key][()] for key in f.keys()}
+    except WeightsError:
+        raise
+    except Exception as e:  # h5py raises OSError/KeyError/... on damaged files
+        raise WeightsError(
+            f"weights file {path!r} is corrupt or for another model ({type(e).__name__}: {e})."
+        ) from None
+
+
+def load_weights(model, path):
+    set_state_dict(model, read_weights(path), source=f"weights file {path!r}")

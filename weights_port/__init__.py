@@ -1,0 +1,1 @@
+"""Convert Stable Diffusion checkpoints into diffusion_tf model folders."""
