@@ -87,23 +87,24 @@ class CLIPTokenizer:
 
     @classmethod
     def from_folder(cls, path, context_length=77):
-        """Load a diffusers/transformers tokenizer folder (vocab.json, merges.txt, optional pad token)."""
+        """Load a diffusers/transformers tokenizer folder (vocab.json, merges.txt, optional pad token).
+
+        A folder with only special_tokens_map.json / tokenizer_config.json uses the packaged vocabulary.
+        """
         pad_token = _EOS
         for name in ("tokenizer_config.json", "special_tokens_map.json"):  # later file wins
             config_path = os.path.join(path, name)
             if os.path.exists(config_path):
                 with open(config_path, encoding="utf-8") as f:
                     pad_token = _pad_token_from(json.load(f)) or pad_token
-        with open(os.path.join(path, "vocab.json"), encoding="utf-8") as f:
-            vocab = json.load(f)
-        if pad_token not in vocab:
+        files = [os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")]
+        if not os.path.isfile(files[0]):  # only the special tokens: the packaged vocabulary
+            files = [None, None]
+        tokenizer = cls(*files, context_length=context_length)
+        if pad_token not in tokenizer.encoder:
             raise ValueError(f"pad token {pad_token!r} from {path} is not in the vocabulary.")
-        return cls(
-            os.path.join(path, "vocab.json"),
-            os.path.join(path, "merges.txt"),
-            context_length=context_length,
-            pad_token_id=vocab[pad_token],
-        )
+        tokenizer.pad_token_id = tokenizer.encoder[pad_token]
+        return tokenizer
 
     def get_config(self):
         return {"context_length": self.context_length, "pad_token_id": self.pad_token_id}

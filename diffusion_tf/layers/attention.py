@@ -1,9 +1,9 @@
 """Multi-head attention with the diffusers key names (to_q, to_k, to_v, to_out.0)."""
 
-import keras
 from keras import ops
 
 from diffusion_tf.layers.ops_util import dense
+from diffusion_tf.layers.base import Layer
 
 
 def scaled_dot_product_attention(q, k, v, scale, mask=None):
@@ -21,7 +21,7 @@ def scaled_dot_product_attention(q, k, v, scale, mask=None):
     return ops.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
-class Attention(keras.layers.Layer):
+class Attention(Layer):
     """Self- or cross-attention over token sequences [B, N, C].
 
     Args:

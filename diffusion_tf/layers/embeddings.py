@@ -2,10 +2,10 @@
 
 import math
 
-import keras
 from keras import ops
 
 from diffusion_tf.layers.ops_util import dense, silu
+from diffusion_tf.layers.base import Layer
 
 
 def timestep_features(timesteps, dim, flip_sin_to_cos=True, freq_shift=0.0, max_period=10000):
@@ -20,7 +20,7 @@ def timestep_features(timesteps, dim, flip_sin_to_cos=True, freq_shift=0.0, max_
     return emb
 
 
-class TimestepEmbedding(keras.layers.Layer):
+class TimestepEmbedding(Layer):
     """linear_1 -> SiLU -> linear_2."""
 
     def __init__(self, time_embed_dim, **kwargs):

@@ -1,11 +1,11 @@
 """ResnetBlock2D: GroupNorm-SiLU-Conv twice, with an optional timestep injection."""
 
-import keras
 
 from diffusion_tf.layers.ops_util import conv2d, dense, group_norm, silu
+from diffusion_tf.layers.base import Layer
 
 
-class ResnetBlock2D(keras.layers.Layer):
+class ResnetBlock2D(Layer):
     """Residual block on NHWC feature maps.
 
     Args:

@@ -2,13 +2,13 @@
 
 import numpy as np
 
-import keras
 from keras import ops
 
 from diffusion_tf.layers.ops_util import conv2d
+from diffusion_tf.layers.base import Layer
 
 
-class Downsample2D(keras.layers.Layer):
+class Downsample2D(Layer):
     """Stride-2 3x3 convolution.
 
     `padding="symmetric"`: one pixel on every side (the UNet's `padding=1`).
@@ -58,7 +58,7 @@ def resize_nearest(x, size):
     return ops.take(x, _nearest_indices(w_in, w_out), axis=2)
 
 
-class Upsample2D(keras.layers.Layer):
+class Upsample2D(Layer):
     """Nearest-neighbour upsampling (x2, or to a given size) then a 3x3 convolution."""
 
     def __init__(self, channels, **kwargs):

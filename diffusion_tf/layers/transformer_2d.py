@@ -6,6 +6,7 @@ from keras import ops
 from diffusion_tf.layers.attention import Attention
 from diffusion_tf.layers.linear_attention import LinearAttention
 from diffusion_tf.layers.ops_util import conv2d, dense, gelu, group_norm, layer_norm
+from diffusion_tf.layers.base import Layer
 
 ATTENTION_TYPES = {"standard": Attention, "linear": LinearAttention}
 
@@ -18,7 +19,7 @@ def check_attention_type(attention):
     return ATTENTION_TYPES[attention]
 
 
-class GEGLU(keras.layers.Layer):
+class GEGLU(Layer):
     """proj -> split in half -> hidden * gelu(gate)."""
 
     def __init__(self, dim_out, **kwargs):
@@ -36,7 +37,7 @@ class GEGLU(keras.layers.Layer):
         return config
 
 
-class FeedForward(keras.layers.Layer):
+class FeedForward(Layer):
     """net.0 = GEGLU, net.1 = dropout (no weights, identity at inference), net.2 = Dense."""
 
     def __init__(self, dim, mult=4, **kwargs):
@@ -60,7 +61,7 @@ class FeedForward(keras.layers.Layer):
         return config
 
 
-class BasicTransformerBlock(keras.layers.Layer):
+class BasicTransformerBlock(Layer):
     """Pre-norm self-attention, cross-attention and feed-forward, each with a residual."""
 
     def __init__(
@@ -106,7 +107,7 @@ class BasicTransformerBlock(keras.layers.Layer):
         return config
 
 
-class Transformer2D(keras.layers.Layer):
+class Transformer2D(Layer):
     """GroupNorm, proj_in, transformer blocks over the H*W tokens, proj_out, residual.
 
     `use_linear_projection` picks Dense (SD 2.x) or 1x1 Conv (SD 1.x) projections;

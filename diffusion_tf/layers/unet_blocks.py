@@ -9,13 +9,13 @@ use_linear_projection, attention, num_layers), or None for blocks without
 cross-attention.
 """
 
-import keras
 from keras import ops
 
 from diffusion_tf.layers.resnet_block import ResnetBlock2D
 from diffusion_tf.layers.sampling import Downsample2D, Upsample2D
 from diffusion_tf.layers.spatial_attention import SpatialAttention
 from diffusion_tf.layers.transformer_2d import Transformer2D
+from diffusion_tf.layers.base import Layer
 
 
 def _transformers(transformer, channels, count, groups, policy):
@@ -27,7 +27,7 @@ def _transformers(transformer, channels, count, groups, policy):
     ]
 
 
-class DownBlock(keras.layers.Layer):
+class DownBlock(Layer):
     """`num_layers` resnets (each optionally followed by a Transformer2D), then a downsampler."""
 
     def __init__(
@@ -108,7 +108,7 @@ class DownBlock(keras.layers.Layer):
         return config
 
 
-class MidBlock(keras.layers.Layer):
+class MidBlock(Layer):
     """resnet, attention, resnet. The attention is a Transformer2D when `transformer` is
     given (UNet), else the VAE's single-head SpatialAttention (or none if `add_attention`
     is False)."""
@@ -171,7 +171,7 @@ class MidBlock(keras.layers.Layer):
         return config
 
 
-class UpBlock(keras.layers.Layer):
+class UpBlock(Layer):
     """`num_layers` resnets (each optionally followed by a Transformer2D), then an upsampler.
 
     With `skip_channels` (a list, one per layer; UNet) each resnet first concatenates the

@@ -6,9 +6,10 @@ from keras import ops
 from diffusion_tf.models.config_util import from_config
 from diffusion_tf.models.vae_decoder import VAEDecoder
 from diffusion_tf.models.vae_encoder import VAEEncoder
+from diffusion_tf.layers.base import Model
 
 
-class AutoencoderKL(keras.Model):
+class AutoencoderKL(Model):
     """Arguments are the fields of diffusers' `AutoencoderKL` config.
 
     `encode` returns the posterior mean, `decode` takes unscaled latents; the

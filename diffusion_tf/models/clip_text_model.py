@@ -6,9 +6,10 @@ from keras import ops
 from diffusion_tf.layers.attention import scaled_dot_product_attention
 from diffusion_tf.layers.ops_util import dense, get_activation, layer_norm
 from diffusion_tf.models.config_util import from_config
+from diffusion_tf.layers.base import Layer, Model
 
 
-class CLIPAttention(keras.layers.Layer):
+class CLIPAttention(Layer):
     """Causal multi-head self-attention with q_proj / k_proj / v_proj / out_proj."""
 
     def __init__(self, hidden_size, num_heads, **kwargs):
@@ -37,7 +38,7 @@ class CLIPAttention(keras.layers.Layer):
         return config
 
 
-class CLIPMLP(keras.layers.Layer):
+class CLIPMLP(Layer):
     def __init__(self, hidden_size, intermediate_size, hidden_act, **kwargs):
         super().__init__(**kwargs)
         self.fc1 = dense(intermediate_size, "fc1", self.dtype_policy)
@@ -62,7 +63,7 @@ class CLIPMLP(keras.layers.Layer):
         return config
 
 
-class CLIPEncoderLayer(keras.layers.Layer):
+class CLIPEncoderLayer(Layer):
     def __init__(self, hidden_size, intermediate_size, num_heads, hidden_act, eps, **kwargs):
         super().__init__(**kwargs)
         policy = self.dtype_policy
@@ -85,11 +86,11 @@ class CLIPEncoderLayer(keras.layers.Layer):
         return config
 
 
-class _Container(keras.layers.Layer):
+class _Container(Layer):
     """A weightless node of the key tree (`text_model`, `embeddings`, `encoder`)."""
 
 
-class CLIPTextModel(keras.Model):
+class CLIPTextModel(Model):
     """Token ids [B, T] -> last hidden state [B, T, hidden_size] (after final_layer_norm).
 
     Arguments are the fields of transformers' `CLIPTextConfig`. SD 1.x uses 12

@@ -22,8 +22,10 @@ def from_config(cls, config, unsupported=None, **overrides):
     """
     config = dict(config)
     for key, allowed in (unsupported or {}).items():
-        ok = allowed(config.get(key)) if callable(allowed) else config.get(key) in allowed
-        if key in config and not ok:
+        if key not in config:
+            continue
+        ok = allowed(config[key]) if callable(allowed) else config[key] in allowed
+        if not ok:
             raise ValueError(
                 f"{cls.__name__}: {key}={config[key]!r} is not supported; allowed: {allowed}."
             )

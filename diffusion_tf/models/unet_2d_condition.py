@@ -1,6 +1,5 @@
 """UNet2DConditionModel: the denoising UNet of Stable Diffusion 1.x / 2.x, NHWC."""
 
-import keras
 from keras import ops
 
 from diffusion_tf.layers.embeddings import TimestepEmbedding, timestep_features
@@ -8,12 +7,13 @@ from diffusion_tf.layers.ops_util import conv2d, group_norm, silu
 from diffusion_tf.layers.transformer_2d import check_attention_type
 from diffusion_tf.layers.unet_blocks import DownBlock, MidBlock, UpBlock
 from diffusion_tf.models.config_util import from_config, per_block
+from diffusion_tf.layers.base import Model
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 
 
-class UNet2DConditionModel(keras.Model):
+class UNet2DConditionModel(Model):
     """Predicts the noise (or v) in `latents` [B, h, w, C] at `timesteps` given `context`.
 
     The arguments are the fields of diffusers' `UNet2DConditionModel` config, so
@@ -167,6 +167,23 @@ class UNet2DConditionModel(keras.Model):
                 "conv_out_kernel": (3,),
                 "downsample_padding": (1,),
                 "mid_block_scale_factor": (1, 1.0),
+                "num_class_embeds": (None,),
+                "time_cond_proj_dim": (None,),
+                "encoder_hid_dim_type": (None,),
+                "attention_type": ("default",),
+                "resnet_out_scale_factor": (1, 1.0),
+                "cross_attention_norm": (None,),
+                "time_embedding_dim": (None,),
+                "time_embedding_act_fn": (None,),
+                "timestep_post_act": (None,),
+                "mid_block_only_cross_attention": (None, False),
+                "class_embeddings_concat": (False,),
+                "reverse_transformer_layers_per_block": (None,),
+                "resnet_skip_time_act": (False,),
+                "addition_time_embed_dim": (None,),
+                "projection_class_embeddings_input_dim": (None,),
+                "addition_embed_type_num_heads": lambda v: True,
+                "dropout": lambda v: True,
             },
             **overrides,
         )

@@ -1,12 +1,12 @@
 """VAEDecoder: latents [B, h, w, latent_channels] -> image [B, h*f, w*f, 3] (about [-1, 1])."""
 
-import keras
 
 from diffusion_tf.layers.ops_util import conv2d, group_norm, silu
 from diffusion_tf.layers.unet_blocks import MidBlock, UpBlock
+from diffusion_tf.layers.base import Layer
 
 
-class VAEDecoder(keras.layers.Layer):
+class VAEDecoder(Layer):
     def __init__(
         self,
         out_channels=3,

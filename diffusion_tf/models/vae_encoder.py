@@ -1,12 +1,12 @@
 """VAEEncoder: image [B, H, W, 3] in [-1, 1] -> moments [B, H/f, W/f, 2 * latent_channels]."""
 
-import keras
 
 from diffusion_tf.layers.ops_util import conv2d, group_norm, silu
 from diffusion_tf.layers.unet_blocks import DownBlock, MidBlock
+from diffusion_tf.layers.base import Layer
 
 
-class VAEEncoder(keras.layers.Layer):
+class VAEEncoder(Layer):
     def __init__(
         self,
         in_channels=3,

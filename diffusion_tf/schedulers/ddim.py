@@ -35,6 +35,10 @@ class DDIMScheduler(Scheduler):
         self.eta = eta
         self.final_alpha_cumprod = 1.0 if set_alpha_to_one else float(self.alphas_cumprod[0])
 
+    @property
+    def stochastic(self):
+        return self.eta > 0
+
     def step(self, model_output, t, sample, noise=None):
         """x_t -> x_{t-1}. `noise` (standard normal, shape of sample) is used when eta > 0."""
         model_output, sample = as_float(model_output), as_float(sample)

@@ -46,6 +46,11 @@ class Scheduler:
 
     init_noise_sigma = 1.0
 
+    @property
+    def stochastic(self):
+        """Whether `step` needs fresh noise."""
+        return False
+
     def set_timesteps(self, num_steps):
         self.num_inference_steps = num_steps
         self.timesteps = schedule.spaced_timesteps(

@@ -1,0 +1,50 @@
+"""Building the networks of a model folder and loading their weights."""
+
+import os
+
+from diffusion_tf.clip_tokenizer import CLIPTokenizer
+from diffusion_tf.model_folder import read_config, weights_path
+from diffusion_tf.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+from diffusion_tf.state_dict import load_weights
+
+BUILDERS = {
+    "text_encoder": CLIPTextModel,
+    "unet": UNet2DConditionModel,
+    "vae": AutoencoderKL,
+}
+
+
+def build_model(component, config, dtype=None, **overrides):
+    """An unweighted model of `component` with all variables created."""
+    kwargs = dict(overrides, name=component)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    model = BUILDERS[component].from_config(config, **kwargs)
+    model.build_weights()
+    return model
+
+
+def load_tokenizer(folder, config):
+    tok = config.get("tokenizer", {})
+    kwargs = {
+        "context_length": tok.get("context_length", 77),
+        "pad_token_id": tok.get("pad_token_id", 49407),
+    }
+    files = os.path.join(folder, "tokenizer")
+    if os.path.isfile(os.path.join(files, "vocab.json")):
+        return CLIPTokenizer(
+            os.path.join(files, "vocab.json"), os.path.join(files, "merges.txt"), **kwargs
+        )
+    return CLIPTokenizer(**kwargs)
+
+
+def load_folder(folder, attention="standard", dtype=None):
+    """{"config", "tokenizer", "text_encoder", "unet", "vae"} of a model folder."""
+    config = read_config(folder)
+    out = {"config": config, "tokenizer": load_tokenizer(folder, config)}
+    for component in BUILDERS:
+        overrides = {"attention": attention} if component == "unet" else {}
+        model = build_model(component, config[component], dtype, **overrides)
+        load_weights(model, weights_path(folder, component))
+        out[component] = model
+    return out

@@ -1,0 +1,89 @@
+"""The model folder: what weights_port writes and `Text2Image(model=FOLDER)` reads.
+
+    FOLDER/config.json             {"format", "text_encoder", "unet", "vae", "scheduler",
+                                    "tokenizer", "source", "weights_dtype"}
+    FOLDER/text_encoder.weights.h5 state dicts keyed by diffusers names (see state_dict.py)
+    FOLDER/unet.weights.h5
+    FOLDER/vae.weights.h5
+    FOLDER/tokenizer/              optional vocab.json + merges.txt (else the built-in CLIP BPE)
+
+A folder is written to a temporary sibling and renamed into place, so a failed or
+interrupted write never leaves a partial folder at the destination.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+
+FORMAT = "diffusion_tf.model.v1"
+COMPONENTS = ("text_encoder", "unet", "vae")
+
+
+def weights_path(folder, component):
+    return os.path.join(folder, f"{component}.weights.h5")
+
+
+def read_config(folder):
+    """The folder's config.json, validated; ValueError naming the folder otherwise."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isdir(folder):
+        raise ValueError(f"model folder {folder!r} does not exist.")
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"{folder!r} is not a diffusion_tf model folder (no config.json); "
+            "convert a checkpoint with `python -m weights_port SRC DST`."
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path!r} is not valid JSON: {e}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ValueError(f"{path!r} is not a {FORMAT} config.")
+    for key in COMPONENTS + ("scheduler", "tokenizer"):
+        if not isinstance(config.get(key), dict):
+            raise ValueError(f"{path!r} lacks the {key!r} section.")
+    for component in COMPONENTS:
+        if not os.path.isfile(weights_path(folder, component)):
+            raise ValueError(
+                f"model folder {folder!r} is missing {component}.weights.h5 "
+                "(an interrupted conversion? convert again)."
+            )
+    return config
+
+
+def write_folder(dst, config, models, dtype=None, tokenizer_files=None, overwrite=False):
+    """Write `config` and the `models` {component: keras model} to `dst` atomically.
+
+    `tokenizer_files`: a folder with vocab.json and merges.txt to copy, or None.
+    """
+    from diffusion_tf.state_dict import save_weights
+
+    dst = os.path.abspath(dst)
+    if os.path.exists(dst) and not overwrite:
+        raise ValueError(f"destination {dst!r} already exists (pass overwrite=True to replace it).")
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.", suffix=".tmp", dir=parent)
+    try:
+        for component, model in models.items():
+            save_weights(model, weights_path(tmp, component), dtype=dtype)
+        if tokenizer_files:
+            os.makedirs(os.path.join(tmp, "tokenizer"))
+            for name in ("vocab.json", "merges.txt"):
+                shutil.copyfile(os.path.join(tokenizer_files, name), os.path.join(tmp, "tokenizer", name))
+        config = dict(config, format=FORMAT)
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+        if os.path.exists(dst):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.", suffix=".old", dir=parent)
+            os.replace(dst, os.path.join(old, "x"))
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst

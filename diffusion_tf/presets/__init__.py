@@ -1,0 +1,179 @@
+"""Named models ("presets") and the local cache of their converted weights.
+
+A preset is data, one JSON file in this folder: the diffusers-style configs of
+every component, where the official single-file checkpoint is published, and its
+pinned sha256. `ensure_preset("sd-v1-5")` returns the converted model folder,
+downloading and converting the checkpoint the first time only:
+
+    <cache>/downloads/<checkpoint filename>   the verified original checkpoint
+    <cache>/models/<preset>/                   the converted model folder
+
+`<cache>` is `$DIFFUSION_TF_HOME`, else `~/.cache/diffusion_tf`. Files under
+`<cache>/downloads` are not needed once the model folder exists.
+
+Importing this module imports neither TensorFlow nor Keras.
+"""
+
+import copy
+import functools
+import json
+import os
+
+__all__ = [
+    "PresetUnavailableError",
+    "cache_dir",
+    "ensure_preset",
+    "get_preset",
+    "is_cached",
+    "list_presets",
+    "preset_folder",
+]
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# The layout of a model folder (see diffusion_tf/model_folder.py).
+_CONFIG_FILE = "config.json"
+_WEIGHT_FILES = ("text_encoder.weights.h5", "unet.weights.h5", "vae.weights.h5")
+
+
+class PresetUnavailableError(ValueError):
+    """A preset's weights are not on disk and could not (or may not) be downloaded."""
+
+
+def list_presets():
+    """Names of the built-in presets, sorted."""
+    return sorted(_names())
+
+
+@functools.lru_cache(maxsize=None)
+def _names():
+    return tuple(f[: -len(".json")] for f in os.listdir(_HERE) if f.endswith(".json"))
+
+
+@functools.lru_cache(maxsize=None)
+def _load(name):
+    path = os.path.join(_HERE, f"{name}.json")
+    with open(path, encoding="utf-8") as f:
+        preset = json.load(f)
+    if preset.get("name") != name:
+        raise ValueError(f"preset file {path!r} names itself {preset.get('name')!r}, not {name!r}.")
+    return preset
+
+
+def get_preset(name):
+    """The preset `name` as a dict (a fresh copy: changing it changes nothing here).
+
+    ValueError naming the value and listing the valid names when there is no such preset.
+    """
+    if not isinstance(name, str):
+        raise ValueError(
+            f"a preset name must be a string, got {name!r} ({type(name).__name__}); "
+            f"valid presets: {', '.join(list_presets())}."
+        )
+    if name not in _names():
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(list_presets())}.")
+    return copy.deepcopy(_load(name))
+
+
+def cache_dir():
+    """`$DIFFUSION_TF_HOME` if set, else `~/.cache/diffusion_tf`; created if missing."""
+    root = os.environ.get("DIFFUSION_TF_HOME") or os.path.join("~", ".cache", "diffusion_tf")
+    root = os.path.abspath(os.path.expanduser(root))
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
+def preset_folder(name):
+    """Where the converted model folder of preset `name` lives (whether or not it exists yet)."""
+    get_preset(name)  # validates the name
+    return os.path.join(cache_dir(), "models", name)
+
+
+def is_cached(name):
+    """True iff the converted folder of `name` has its config.json and the three weight files."""
+    folder = preset_folder(name)
+    return all(os.path.isfile(os.path.join(folder, f)) for f in (_CONFIG_FILE,) + _WEIGHT_FILES)
+
+
+def ensure_preset(name, download=True):
+    """The converted model folder of preset `name`, downloading and converting it if missing.
+
+    The checkpoint is fetched only when its sha256 is pinned in the preset and is
+    verified before use; a file that fails verification is deleted. Any failure
+    to obtain it (offline, DNS, HTTP error, hash mismatch, no pinned hash), or
+    `download=False` while the folder is missing, raises PresetUnavailableError
+    saying how to install the weights by hand.
+    """
+    preset = get_preset(name)
+    folder = preset_folder(name)
+    if is_cached(name):
+        return folder
+    ckpt = preset["checkpoint"]
+    if not download:
+        raise PresetUnavailableError(
+            _unavailable(name, folder, ckpt, "download=False, so the checkpoint was not downloaded")
+        )
+    if not ckpt.get("sha256"):
+        raise PresetUnavailableError(
+            _unavailable(
+                name, folder, ckpt,
+                f"the checkpoint at {ckpt['url']} has no pinned sha256 in this preset, "
+                "and an unverified file is never downloaded",
+            )
+        )
+    src = _download(name, folder, ckpt)
+
+    from weights_port.convert import convert_checkpoint
+
+    convert_checkpoint(src, folder, config=name, overwrite=True)
+    if not is_cached(name):
+        raise ValueError(
+            f"converting {src!r} for preset {name!r} did not produce a complete model folder at {folder!r}."
+        )
+    return folder
+
+
+def _download(name, folder, ckpt):
+    """Fetch the checkpoint into <cache>/downloads, verified; its path."""
+    url, filename, sha256 = ckpt["url"], ckpt["filename"], ckpt["sha256"]
+    cache = cache_dir()
+    target = os.path.join(cache, "downloads", filename)
+    if not os.access(cache, os.W_OK):
+        raise PresetUnavailableError(
+            _unavailable(name, folder, ckpt, f"the cache folder {cache!r} is not writable (set DIFFUSION_TF_HOME)")
+        )
+    import keras
+
+    try:
+        return keras.utils.get_file(
+            filename,
+            origin=url,
+            file_hash=sha256,
+            hash_algorithm="sha256",
+            cache_dir=cache,
+            cache_subdir="downloads",
+        )
+    except Exception as e:
+        # get_file removes an interrupted download itself, but keeps a complete
+        # file whose hash does not match: remove it. (A file left by an interrupt
+        # during verification is verified again before any use.)
+        if os.path.exists(target):
+            os.remove(target)
+        reason = str(e) if type(e) is Exception else f"{type(e).__name__}: {e}"
+        reason = " ".join(reason.split()).rstrip(".") or type(e).__name__
+        if len(reason) > 300:
+            reason = reason[:297] + "..."
+        raise PresetUnavailableError(
+            _unavailable(name, folder, ckpt, f"downloading the checkpoint from {url} failed ({reason})")
+        ) from e
+
+
+def _unavailable(name, folder, ckpt, why):
+    sha = ckpt.get("sha256")
+    check = f" (sha256 {sha})" if sha else ""
+    return (
+        f"preset {name!r}: the converted weights are not on disk at {folder}, and {why}. "
+        f"To install them by hand, download {ckpt['filename']}{check} from {ckpt['url']} "
+        f"on a machine that can reach it, then run:\n"
+        f"    python -m weights_port <downloaded file> {folder} --config {name}\n"
+        f"(or convert it into any folder and pass model=<that folder>)."
+    )

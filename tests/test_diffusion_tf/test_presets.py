@@ -1,0 +1,312 @@
+"""Presets (JSON data) and the weights cache: no network, no real checkpoint, no model built."""
+
+import hashlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import types
+
+import pytest
+
+from diffusion_tf import presets
+from diffusion_tf.presets import PresetUnavailableError
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+PRESET_DIR = ROOT / "diffusion_tf" / "presets"
+NAMES = ["sd-v1-5", "sd-v2-1", "sd-v2-1-base"]
+
+TOP_KEYS = {"name", "description", "checkpoint", "license", "default_size", "configs"}
+CHECKPOINT_KEYS = {"url", "filename", "sha256", "size_bytes"}
+CONFIG_KEYS = {
+    "text_encoder": {
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+        "num_attention_heads", "max_position_embeddings", "hidden_act", "layer_norm_eps",
+    },
+    "unet": {
+        "sample_size", "in_channels", "out_channels", "down_block_types", "up_block_types",
+        "block_out_channels", "layers_per_block", "cross_attention_dim", "attention_head_dim",
+        "use_linear_projection", "upcast_attention", "norm_num_groups", "norm_eps",
+        "flip_sin_to_cos", "freq_shift",
+    },
+    "vae": {
+        "in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
+        "layers_per_block", "latent_channels", "norm_num_groups", "sample_size", "scaling_factor",
+    },
+    "scheduler": {
+        "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
+        "timestep_spacing", "steps_offset", "set_alpha_to_one",
+    },
+    "tokenizer": {"pad_token_id", "context_length"},
+}
+# First 10 hex digits of each file's sha256 (the "model hash" AUTOMATIC1111's web UI shows).
+SHORT_HASHES = {"sd-v1-5": "6ce0161689", "sd-v2-1": "dcd690123c", "sd-v2-1-base": "df955bdf6b"}
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFUSION_TF_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def patch_checkpoint(monkeypatch, name, **changes):
+    """Make get_preset(name) report a different checkpoint (url, sha256, ...)."""
+    real = presets.get_preset
+
+    def fake(n):
+        preset = real(n)
+        if n == name:
+            preset["checkpoint"].update(changes)
+        return preset
+
+    monkeypatch.setattr(presets, "get_preset", fake)
+
+
+def fill_folder(folder, skip=None):
+    os.makedirs(folder, exist_ok=True)
+    for f in ("config.json", "text_encoder.weights.h5", "unet.weights.h5", "vae.weights.h5"):
+        if f != skip:
+            pathlib.Path(folder, f).write_text("{}" if f.endswith(".json") else "x")
+
+
+def downloads(home):
+    d = home / "downloads"
+    return sorted(os.listdir(d)) if d.is_dir() else []
+
+
+# ---------------------------------------------------------------- the data
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_preset_file_has_all_fields(name):
+    with open(PRESET_DIR / f"{name}.json", encoding="utf-8") as f:
+        p = json.load(f)
+    assert TOP_KEYS <= set(p)
+    assert p["name"] == name
+    assert isinstance(p["description"], str) and p["description"]
+    assert isinstance(p["license"], str) and p["license"]
+    ck = p["checkpoint"]
+    assert CHECKPOINT_KEYS <= set(ck)
+    assert ck["url"].startswith("https://huggingface.co/")
+    assert ck["url"].endswith(f"/resolve/main/{ck['filename']}")
+    assert ck["filename"].endswith(".safetensors")
+    assert ck["sha256"] is None or (len(ck["sha256"]) == 64 and set(ck["sha256"]) <= set("0123456789abcdef"))
+    assert ck["size_bytes"] is None or ck["size_bytes"] > 10**9
+    assert set(p["configs"]) == set(CONFIG_KEYS)
+    for component, keys in CONFIG_KEYS.items():
+        assert set(p["configs"][component]) == keys, component
+    h, w = p["default_size"]
+    assert h == w and h % 64 == 0
+    # The UNet's latent sample size is the default image size / 8.
+    assert p["configs"]["unet"]["sample_size"] * 8 == h
+    assert p["configs"]["tokenizer"]["context_length"] == 77
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pinned_hashes_match_the_published_short_hashes(name):
+    assert presets.get_preset(name)["checkpoint"]["sha256"].startswith(SHORT_HASHES[name])
+
+
+def test_sd15_values():
+    c = presets.get_preset("sd-v1-5")["configs"]
+    assert c["text_encoder"]["hidden_size"] == 768
+    assert c["text_encoder"]["num_hidden_layers"] == 12
+    assert c["text_encoder"]["num_attention_heads"] == 12
+    assert c["text_encoder"]["intermediate_size"] == 3072
+    assert c["text_encoder"]["hidden_act"] == "quick_gelu"
+    assert c["unet"]["cross_attention_dim"] == 768
+    assert c["unet"]["attention_head_dim"] == 8
+    assert c["unet"]["block_out_channels"] == [320, 640, 1280, 1280]
+    assert c["unet"]["use_linear_projection"] is False
+    assert c["unet"]["sample_size"] == 64
+    assert c["vae"]["block_out_channels"] == [128, 256, 512, 512]
+    assert c["vae"]["scaling_factor"] == 0.18215
+    assert c["scheduler"]["prediction_type"] == "epsilon"
+    assert c["tokenizer"]["pad_token_id"] == 49407
+    p = presets.get_preset("sd-v1-5")
+    assert p["default_size"] == [512, 512]
+    assert p["checkpoint"]["filename"] == "v1-5-pruned-emaonly.safetensors"
+    assert "/stable-diffusion-v1-5/stable-diffusion-v1-5/" in p["checkpoint"]["url"]
+
+
+@pytest.mark.parametrize("name", ["sd-v2-1", "sd-v2-1-base"])
+def test_sd2_common_values(name):
+    c = presets.get_preset(name)["configs"]
+    assert c["text_encoder"]["hidden_size"] == 1024
+    assert c["text_encoder"]["num_hidden_layers"] == 23
+    assert c["text_encoder"]["num_attention_heads"] == 16
+    assert c["text_encoder"]["intermediate_size"] == 4096
+    assert c["text_encoder"]["hidden_act"] == "gelu"
+    assert c["unet"]["attention_head_dim"] == [5, 10, 20, 20]
+    assert c["unet"]["use_linear_projection"] is True
+    assert c["unet"]["cross_attention_dim"] == 1024
+    assert c["tokenizer"]["pad_token_id"] == 0
+
+
+def test_sd21_768_vs_base():
+    v, base = presets.get_preset("sd-v2-1"), presets.get_preset("sd-v2-1-base")
+    assert v["configs"]["scheduler"]["prediction_type"] == "v_prediction"
+    assert base["configs"]["scheduler"]["prediction_type"] == "epsilon"
+    assert v["configs"]["unet"]["sample_size"] == 96 and base["configs"]["unet"]["sample_size"] == 64
+    assert v["configs"]["unet"]["upcast_attention"] is True
+    assert base["configs"]["unet"]["upcast_attention"] is False
+    assert v["default_size"] == [768, 768] and base["default_size"] == [512, 512]
+    assert v["checkpoint"]["filename"] == "v2-1_768-ema-pruned.safetensors"
+    assert base["checkpoint"]["filename"] == "v2-1_512-ema-pruned.safetensors"
+
+
+# ---------------------------------------------------------------- the API
+
+
+def test_list_presets():
+    assert presets.list_presets() == sorted(NAMES)
+
+
+def test_unknown_preset_lists_valid_names():
+    with pytest.raises(ValueError) as e:
+        presets.get_preset("sd-v9")
+    assert "'sd-v9'" in str(e.value)
+    for name in NAMES:
+        assert name in str(e.value)
+    assert not isinstance(e.value, PresetUnavailableError)
+
+
+@pytest.mark.parametrize("bad", [None, 15, ["sd-v1-5"]])
+def test_non_string_name(bad):
+    with pytest.raises(ValueError, match="string"):
+        presets.get_preset(bad)
+
+
+def test_get_preset_returns_a_copy():
+    presets.get_preset("sd-v1-5")["configs"]["unet"]["sample_size"] = 1
+    assert presets.get_preset("sd-v1-5")["configs"]["unet"]["sample_size"] == 64
+
+
+def test_cache_dir_honours_env(home):
+    assert not home.exists()
+    assert presets.cache_dir() == str(home)
+    assert home.is_dir()
+
+
+def test_cache_dir_default(tmp_path, monkeypatch):
+    monkeypatch.delenv("DIFFUSION_TF_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert presets.cache_dir() == str(tmp_path / ".cache" / "diffusion_tf")
+    assert (tmp_path / ".cache" / "diffusion_tf").is_dir()
+
+
+def test_preset_folder(home):
+    assert presets.preset_folder("sd-v2-1") == str(home / "models" / "sd-v2-1")
+    with pytest.raises(ValueError, match="valid presets"):
+        presets.preset_folder("nope")
+
+
+def test_is_cached(home):
+    folder = home / "models" / "sd-v1-5"
+    assert not presets.is_cached("sd-v1-5")
+    fill_folder(folder, skip="unet.weights.h5")
+    assert not presets.is_cached("sd-v1-5")
+    fill_folder(folder)
+    assert presets.is_cached("sd-v1-5")
+    assert not presets.is_cached("sd-v2-1")
+
+
+def test_ensure_preset_uses_the_cache(home, monkeypatch):
+    fill_folder(home / "models" / "sd-v2-1")
+    patch_checkpoint(monkeypatch, "sd-v2-1", url="http://127.0.0.1:9/never-fetched")
+    assert presets.ensure_preset("sd-v2-1") == str(home / "models" / "sd-v2-1")
+    assert presets.ensure_preset("sd-v2-1", download=False) == str(home / "models" / "sd-v2-1")
+
+
+def test_download_false(home):
+    with pytest.raises(PresetUnavailableError) as e:
+        presets.ensure_preset("sd-v1-5", download=False)
+    msg = str(e.value)
+    assert "download=False" in msg
+    assert str(home / "models" / "sd-v1-5") in msg
+    assert "python -m weights_port" in msg and "--config sd-v1-5" in msg
+    assert downloads(home) == []
+
+
+def test_unpinned_checkpoint_is_never_downloaded(home, monkeypatch):
+    patch_checkpoint(monkeypatch, "sd-v1-5", sha256=None, url="http://127.0.0.1:9/x")
+    monkeypatch.setattr(presets, "_download", lambda *a: pytest.fail("downloaded an unpinned file"))
+    with pytest.raises(PresetUnavailableError, match="no pinned sha256"):
+        presets.ensure_preset("sd-v1-5")
+
+
+def test_wrong_sha256_deletes_the_file(home, tmp_path, monkeypatch):
+    src = tmp_path / "weights.bin"
+    src.write_bytes(b"not the real checkpoint")
+    patch_checkpoint(monkeypatch, "sd-v1-5", url=src.as_uri(), sha256="0" * 64)
+    with pytest.raises(PresetUnavailableError) as e:
+        presets.ensure_preset("sd-v1-5")
+    msg = str(e.value)
+    assert src.as_uri() in msg and "failed" in msg
+    assert "hash" in msg
+    assert "python -m weights_port" in msg
+    assert downloads(home) == []
+    assert not presets.is_cached("sd-v1-5")
+
+
+def test_unreachable_url(home, monkeypatch):
+    url = "http://127.0.0.1:9/v1-5-pruned-emaonly.safetensors"  # port 9 (discard) refuses
+    patch_checkpoint(monkeypatch, "sd-v1-5", url=url)
+    with pytest.raises(PresetUnavailableError) as e:
+        presets.ensure_preset("sd-v1-5")
+    msg = str(e.value)
+    assert "'sd-v1-5'" in msg
+    assert str(home / "models" / "sd-v1-5") in msg
+    assert url in msg
+    assert "python -m weights_port" in msg and "--config sd-v1-5" in msg
+    assert "model=" in msg
+    first_line = msg.splitlines()[0]
+    assert "failed (" in first_line  # the reason stays on one line
+    assert downloads(home) == []
+
+
+def test_download_and_convert(home, tmp_path, monkeypatch):
+    payload = b"pretend safetensors" * 100
+    src = tmp_path / "ckpt.safetensors"
+    src.write_bytes(payload)
+    patch_checkpoint(
+        monkeypatch, "sd-v2-1-base", url=src.as_uri(), sha256=hashlib.sha256(payload).hexdigest()
+    )
+    calls = []
+
+    def fake_convert(src_path, dst, config=None, prediction_type=None, dtype="float32", overwrite=False):
+        calls.append((src_path, dst, config))
+        with open(src_path, "rb") as f:
+            assert f.read() == payload
+        fill_folder(dst)
+        return dst
+
+    try:
+        import weights_port.convert as convert_module
+    except ImportError:  # not written yet: stand in a module
+        convert_module = types.ModuleType("weights_port.convert")
+        convert_module.convert_checkpoint = None
+        monkeypatch.setitem(sys.modules, "weights_port.convert", convert_module)
+    monkeypatch.setattr(convert_module, "convert_checkpoint", fake_convert)
+
+    folder = presets.ensure_preset("sd-v2-1-base")
+    assert folder == str(home / "models" / "sd-v2-1-base")
+    assert presets.is_cached("sd-v2-1-base")
+    assert calls == [(str(home / "downloads" / "v2-1_512-ema-pruned.safetensors"), folder, "sd-v2-1-base")]
+    assert downloads(home) == ["v2-1_512-ema-pruned.safetensors"]
+    # Cached now: no second download or conversion.
+    assert presets.ensure_preset("sd-v2-1-base") == folder
+    assert len(calls) == 1
+
+
+def test_import_does_not_load_tensorflow_or_keras():
+    code = (
+        "import sys, diffusion_tf.presets as p\n"
+        "p.list_presets(); p.get_preset('sd-v1-5')\n"
+        "loaded = [m for m in ('tensorflow', 'keras') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr

@@ -1,0 +1,50 @@
+"""python -m weights_port SRC DST [--config FOLDER_OR_PRESET] [--prediction-type ...] [--dtype ...]"""
+
+import argparse
+import sys
+
+from weights_port.errors import CheckpointError
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="python -m weights_port",
+        description=(
+            "Convert a Stable Diffusion 1.x/2.x checkpoint into a diffusion_tf model folder "
+            "that Text2Image(model=DST) and text2image.py --model DST load. Nothing from the "
+            "checkpoint is executed: .ckpt pickles are read by a restricted unpickler."
+        ),
+    )
+    p.add_argument("src", help="a diffusers folder (model_index.json, unet/, vae/, text_encoder/, "
+                   "tokenizer/, scheduler/) or an original single file (.safetensors or .ckpt)")
+    p.add_argument("dst", help="the model folder to write (must not exist unless --overwrite)")
+    p.add_argument("--config", help="architecture: a diffusers-style folder or a preset name "
+                   "(sd-v1-5, sd-v2-1-base, sd-v2-1); default: read from SRC or inferred from key shapes")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
+                   help="override the scheduler's prediction type (SD 2.1 768 is v_prediction)")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                   help="storage dtype of the written weights (default float32)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from weights_port.convert import convert_checkpoint
+
+    try:
+        convert_checkpoint(
+            args.src, args.dst, config=args.config, prediction_type=args.prediction_type,
+            dtype=args.dtype, overwrite=args.overwrite,
+        )
+    except (CheckpointError, ValueError) as e:
+        print(f"weights_port: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("weights_port: interrupted; nothing was written.", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Converting a diffusers folder or an original single file into a diffusion_tf model folder.
+
+Strict, in the manner of nanoGPT's `from_pretrained`: every weight of the models
+we build is assigned, every shape is checked, and every checkpoint tensor is
+either used or listed as unused; any failure names the key and leaves nothing
+at the destination (the folder is built in a temporary sibling and renamed).
+"""
+
+import glob
+import json
+import os
+import re
+
+import numpy as np
+
+from weights_port import clip_keys, unet_keys, vae_keys
+from weights_port.checkpoint import read_checkpoint
+from weights_port.errors import CheckpointError
+from weights_port.infer import SD_SCHEDULER, describe, infer_configs
+from weights_port.key_table import resolve
+from weights_port.safetensors_reader import read_safetensors_metadata
+
+COMPONENTS = ("text_encoder", "unet", "vae")
+SCHEDULER_FIELDS = tuple(SD_SCHEDULER) + ("clip_sample", "trained_betas")
+DTYPES = ("float32", "float16")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+# Entries of original single files that are not weights of the three networks.
+UNUSED_ORIGINAL = (
+    r"^model_ema\.", r"^(betas|alphas_cumprod|alphas_cumprod_prev|sqrt_.*|log_one_minus_.*|posterior_.*)$",
+    r"^first_stage_model\.(loss|encoder\.mid\.attn_1\.\w+\.num_batches_tracked)", r"^cond_stage_model\..*position_ids$",
+    r"^cond_stage_model\.model\.(text_projection|logit_scale|attn_mask)$",
+    r"^cond_stage_model\.model\.transformer\.resblocks\.\d+\.",  # layers past the penultimate (SD 2.x)
+    r"^model\.diffusion_model\..*num_batches_tracked$",
+    r"^cond_stage_model\.transformer\.(text_model\.)?(embeddings\.position_ids)$",
+)
+
+
+def _log(msg):
+    print(msg, flush=True)
+
+
+# ---------------------------------------------------------------- sources
+def _component_weights(folder):
+    """Every tensor of one diffusers component folder (safetensors preferred, shards too)."""
+    for pattern in ("*.safetensors.index.json", "*.bin.index.json"):
+        index = sorted(glob.glob(os.path.join(folder, pattern)))
+        if index:
+            with open(index[0], encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            out = {}
+            for shard in shards:
+                out.update(read_checkpoint(os.path.join(folder, shard)))
+            return out
+    for name in (
+        "diffusion_pytorch_model.safetensors", "model.safetensors",
+        "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors",
+        "diffusion_pytorch_model.bin", "pytorch_model.bin",
+        "diffusion_pytorch_model.fp16.bin", "pytorch_model.fp16.bin",
+    ):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return read_checkpoint(path)
+    raise CheckpointError(f"no weights file (*.safetensors or *.bin) in {folder!r}.")
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"missing {path!r}.") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path!r} is not valid JSON: {e}") from None
+
+
+def folder_configs(folder):
+    """Configs of a diffusers-style folder (unet/, vae/, text_encoder/, scheduler/, tokenizer/)."""
+    from diffusion_tf.clip_tokenizer import CLIPTokenizer
+
+    configs = {
+        "text_encoder": _read_json(os.path.join(folder, "text_encoder", "config.json")),
+        "unet": _read_json(os.path.join(folder, "unet", "config.json")),
+        "vae": _read_json(os.path.join(folder, "vae", "config.json")),
+    }
+    scheduler = os.path.join(folder, "scheduler", "scheduler_config.json")
+    configs["scheduler"] = _read_json(scheduler) if os.path.isfile(scheduler) else dict(SD_SCHEDULER)
+    tokenizer = os.path.join(folder, "tokenizer")
+    if os.path.isdir(tokenizer):
+        configs["tokenizer"] = CLIPTokenizer.from_folder(tokenizer).get_config()
+    else:
+        configs["tokenizer"] = {"pad_token_id": 49407, "context_length": 77}
+    return configs
+
+
+def _named_configs(config):
+    """--config: a diffusers-style folder or a preset name."""
+    if os.path.isdir(config):
+        return folder_configs(config)
+    from diffusion_tf import presets
+
+    return {k: dict(v) for k, v in presets.get_preset(config)["configs"].items()}
+
+
+def _clean_scheduler(config, prediction_type):
+    out = {k: config[k] for k in SCHEDULER_FIELDS if k in config and config[k] is not None}
+    for key, value in SD_SCHEDULER.items():
+        out.setdefault(key, value)
+    if prediction_type is not None:
+        out["prediction_type"] = prediction_type
+    return out
+
+
+def _family(configs):
+    te = configs["text_encoder"]
+    return "sd2" if te.get("hidden_act") == "gelu" else "sd1"
+
+
+# ---------------------------------------------------------------- conversion
+def _build(configs):
+    from diffusion_tf.components import build_model
+
+    return {c: build_model(c, configs[c]) for c in COMPONENTS}
+
+
+def _tables(models, configs, single_file, family):
+    from diffusion_tf.state_dict import named_variables
+
+    keys = {c: list(named_variables(models[c])) for c in COMPONENTS}
+    if not single_file:
+        return {
+            "text_encoder": clip_keys.hf_table(keys["text_encoder"]),
+            "unet": unet_keys.diffusers_table(keys["unet"]),
+            "vae": vae_keys.diffusers_table(keys["vae"]),
+        }
+    text = (
+        clip_keys.openclip_table(keys["text_encoder"])
+        if family == "sd2"
+        else clip_keys.hf_table(keys["text_encoder"], clip_keys.HF_PREFIX)
+    )
+    return {
+        "text_encoder": text,
+        "unet": unet_keys.table(keys["unet"], configs["unet"]),
+        "vae": vae_keys.table(keys["vae"], configs["vae"]),
+    }
+
+
+def original_tables(models, configs):
+    """Key tables of a single-file checkpoint for `models` (used by tests to write one)."""
+    return _tables(models, configs, True, _family(configs))
+
+
+def _assign(models, tables, sources, what):
+    from diffusion_tf.state_dict import get_state_dict, set_state_dict
+
+    used = {}
+    for c in COMPONENTS:
+        shapes = {k: v.shape for k, v in get_state_dict(models[c]).items()}
+        state, used[c] = resolve(tables[c], sources[c], shapes, f"{what} ({c})")
+        set_state_dict(models[c], {k: v.astype(np.float32) for k, v in state.items()}, f"{what} ({c})")
+    return used
+
+
+def convert_checkpoint(src, dst, config=None, prediction_type=None, dtype="float32", overwrite=False, log=_log):
+    """Convert `src` (diffusers folder, .safetensors or .ckpt) into a model folder at `dst`."""
+    from diffusion_tf.model_folder import write_folder
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}; allowed: {', '.join(DTYPES)}.")
+    if prediction_type not in (None,) + PREDICTION_TYPES:
+        raise ValueError(f"prediction_type={prediction_type!r}; allowed: {', '.join(PREDICTION_TYPES)}.")
+    src = os.fspath(src)
+    if os.path.exists(dst) and not overwrite:
+        raise ValueError(f"destination {dst!r} already exists; choose another or pass --overwrite.")
+    single_file = not os.path.isdir(src)
+    tokenizer_files = None
+    if single_file:
+        log(f"reading {src}")
+        tensors = read_checkpoint(src)
+        shapes = {k: v.shape for k, v in tensors.items()}
+        family = describe(shapes)
+        configs = _named_configs(config) if config else infer_configs(shapes)
+        if config and _family(configs) != family:
+            raise CheckpointError(
+                f"{src} looks like an {family.upper()}.x checkpoint "
+                f"({'OpenCLIP' if family == 'sd2' else 'CLIP ViT-L'} text encoder) but --config "
+                f"{config!r} describes an {_family(configs).upper()}.x model."
+            )
+        sources = {c: tensors for c in COMPONENTS}
+    else:
+        if not os.path.isfile(os.path.join(src, "unet", "config.json")):
+            raise CheckpointError(
+                f"{src!r} is a folder but not a diffusers model folder (no unet/config.json)."
+            )
+        configs = _named_configs(config) if config else folder_configs(src)
+        family = _family(configs)
+        sources = {c: _component_weights(os.path.join(src, c)) for c in COMPONENTS}
+        if os.path.isfile(os.path.join(src, "tokenizer", "vocab.json")):
+            tokenizer_files = os.path.join(src, "tokenizer")
+    configs["scheduler"] = _clean_scheduler(configs["scheduler"], prediction_type)
+
+    log(f"building the {family.upper()}.x architecture")
+    models = _build(configs)
+    tables = _tables(models, configs, single_file, family)
+    used = _assign(models, tables, sources, src)
+
+    if single_file:
+        unused = sorted(set(tensors) - set().union(*used.values()))
+        unexpected = [k for k in unused if not any(re.match(p, k) for p in UNUSED_ORIGINAL)]
+    else:
+        unused = sorted(k for c in COMPONENTS for k in set(sources[c]) - used[c])
+        unexpected = [k for k in unused if not k.endswith("position_ids")]
+    total = sum(len(s) for s in used.values())
+    log(f"assigned {total} tensors; {len(unused)} checkpoint entries unused")
+    if unexpected:
+        raise CheckpointError(
+            f"{src}: {len(unexpected)} checkpoint tensors fit no weight of the configured "
+            f"architecture, e.g. {unexpected[:10]} (wrong --config?)."
+        )
+    folder_config = {
+        name: {k: v for k, v in models[name].get_config().items() if k not in ("name", "trainable", "dtype")}
+        for name in COMPONENTS
+    }
+    folder_config["unet"].pop("attention", None)
+    folder_config.update(
+        scheduler=configs["scheduler"],
+        tokenizer=configs["tokenizer"],
+        source=os.path.basename(os.path.abspath(src)),
+        weights_dtype=dtype,
+        unused_checkpoint_keys=unused,
+    )
+    write_folder(dst, folder_config, models, dtype=dtype, tokenizer_files=tokenizer_files, overwrite=overwrite)
+    log(f"wrote {dst}")
+    return dst
+
+
+def describe_file(path):
+    """Shapes of a checkpoint's tensors without loading .safetensors data."""
+    if path.endswith(".safetensors"):
+        return {k: tuple(v["shape"]) for k, v in read_safetensors_metadata(path).items()}
+    return {k: v.shape for k, v in read_checkpoint(path).items()}
