@@ -1,0 +1,400 @@
+#!/usr/bin/env python
+"""Command line text-to-image with diffusion_tf (Stable Diffusion 1.x/2.x on Keras 3 / TensorFlow).
+
+    python text2image.py --prompt "an astronaut riding a horse"
+
+Run with --help for every option. TensorFlow is imported only after the
+arguments are checked, so --help and argument errors are instant.
+"""
+
+import argparse
+import math
+import os
+import sys
+import time
+
+DEFAULT_MODEL = "sd-v1-5"
+DEFAULT_OUTPUT = "output.png"
+MAX_SEED = 2**32 - 1
+MAX_STEPS = 1000  # as diffusion_tf.text2image.MAX_STEPS (not imported: that imports TensorFlow)
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+EPILOG = """\
+examples:
+  # 512x512 with Stable Diffusion 1.5 (its weights are downloaded and converted once):
+  python text2image.py --prompt "an astronaut riding a horse"
+
+  # four images, reproducible, 30 steps, saved as out/horse_1.png .. out/horse_4.png:
+  python text2image.py --prompt "an astronaut riding a horse" --seed 1234 \\
+      --steps 30 --batch-size 4 --output out/horse.png
+
+  # a checkpoint you converted yourself:
+  python -m weights_port v1-5-pruned-emaonly.safetensors sd15 --config sd-v1-5
+  python text2image.py --model sd15 --prompt "a watercolor fox" \\
+      --negative-prompt "blurry, low quality" --height 512 --width 768
+
+Every PNG carries its generation parameters (prompt, negative prompt, steps,
+sampler, CFG scale, seed, size, model) in a text chunk named "parameters", in
+the format of the popular web UIs.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (no usage block), exit code 2."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _prog():
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name in ("text2image", "text2image.py") else "text2image.py"
+
+
+def scheduler_names():
+    """Names of the schedulers in diffusion_tf.schedulers, read from their source.
+
+    Importing diffusion_tf.schedulers imports Keras and TensorFlow, which --help
+    must not wait for; the authoritative `SCHEDULERS` dict is consulted only for a
+    name not found here (see `_check_scheduler`).
+    """
+    import ast
+    import importlib.util
+
+    names = set()
+    try:
+        spec = importlib.util.find_spec("diffusion_tf.schedulers")
+        folders = list(spec.submodule_search_locations or []) if spec else []
+        for folder in folders:
+            for filename in sorted(os.listdir(folder)):
+                if not filename.endswith(".py"):
+                    continue
+                with open(os.path.join(folder, filename), encoding="utf-8") as f:
+                    tree = ast.parse(f.read())
+                for node in ast.walk(tree):
+                    if not isinstance(node, ast.ClassDef):
+                        continue
+                    for stmt in node.body:
+                        if (
+                            isinstance(stmt, ast.Assign)
+                            and any(isinstance(t, ast.Name) and t.id == "name" for t in stmt.targets)
+                            and isinstance(stmt.value, ast.Constant)
+                            and isinstance(stmt.value.value, str)
+                        ):
+                            names.add(stmt.value.value)
+    except (OSError, SyntaxError, ImportError, ValueError):
+        names = set()
+    if not names:  # source not readable (e.g. a zipped install): ask the package itself
+        from diffusion_tf.schedulers import SCHEDULERS
+
+        names = set(SCHEDULERS)
+    return sorted(names)
+
+
+def _preset_names():
+    try:
+        from diffusion_tf.presets import list_presets
+
+        return list_presets()
+    except Exception:  # --help must work even with a damaged preset folder
+        return []
+
+
+def build_parser():
+    schedulers = scheduler_names()
+    presets = _preset_names()
+    p = _Parser(
+        prog=_prog(),
+        description="Generate images from a text prompt with Stable Diffusion 1.x/2.x\n"
+        "(diffusion_tf: Keras 3 on TensorFlow) and save them as PNG files.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--prompt", required=True, help="the text describing the image (required).")
+    p.add_argument(
+        "--negative-prompt", metavar="TEXT", default=None,
+        help="what the image should not show; replaces the empty prompt of classifier-free "
+        "guidance (used when --guidance is above 1). Default: none.",
+    )
+    p.add_argument(
+        "--steps", metavar="N", default="50",
+        help=f"number of denoising steps, 1 to {MAX_STEPS}; more is slower and usually finer. Default: 50.",
+    )
+    p.add_argument(
+        "--guidance", metavar="SCALE", default="7.5",
+        help="classifier-free guidance scale (CFG), >= 0: how strongly the image follows the "
+        "prompt; 1 or less turns guidance off (one UNet pass per step). Default: 7.5.",
+    )
+    p.add_argument(
+        "--seed", metavar="N", default=None,
+        help=f"random seed, 0 to {MAX_SEED}; the same seed and options give the same image. "
+        "Image i of a batch uses seed + i. Default: a random seed, which is printed and saved in the PNG.",
+    )
+    p.add_argument(
+        "--batch-size", metavar="N", default="1",
+        help="number of images generated together (one per seed). Default: 1.",
+    )
+    p.add_argument(
+        "--height", metavar="PX", default=None,
+        help="image height in pixels, a positive multiple of 8. Default: the model's native size "
+        "(512 for SD 1.x and SD 2.1-base, 768 for SD 2.1); only --width given: the same as --width.",
+    )
+    p.add_argument(
+        "--width", metavar="PX", default=None,
+        help="image width in pixels, a positive multiple of 8. Default: the model's native size; "
+        "only --height given: the same as --height.",
+    )
+    p.add_argument(
+        "--model", metavar="FOLDER|PRESET", default=DEFAULT_MODEL,
+        help="a model folder converted with `python -m weights_port`, or a preset name"
+        + (f" ({', '.join(presets)})" if presets else "")
+        + "; a preset's weights are downloaded and converted the first time. "
+        f"Default: {DEFAULT_MODEL}.",
+    )
+    p.add_argument(
+        "--attention", choices=("standard", "linear"), default="standard",
+        help="UNet self-attention: standard (softmax, as trained) or linear (an approximation "
+        "that uses less memory at large sizes). Default: standard.",
+    )
+    p.add_argument(
+        "--scheduler", metavar="NAME", default="ddim" if "ddim" in schedulers or not schedulers else schedulers[0],
+        help=f"sampling algorithm, one of: {', '.join(schedulers)}. Default: %(default)s.",
+    )
+    p.add_argument(
+        "--jit-compile", action=argparse.BooleanOptionalAction, default=False,
+        help="compile the denoising with XLA: slower first step, often faster after "
+        "(--no-jit-compile: a plain TensorFlow graph). Default: off.",
+    )
+    p.add_argument(
+        "--output", metavar="PATH.png", default=DEFAULT_OUTPUT,
+        help=f"where to save the PNG; with --batch-size above 1 the images are numbered: "
+        f"out.png -> out_1.png, out_2.png, ... Its folder is created if missing. Default: {DEFAULT_OUTPUT}.",
+    )
+    p.add_argument(
+        "--temperature", metavar="T", default="1.0",
+        help="scale of the fresh noise of stochastic samplers, >= 0 (deterministic DDIM ignores it). "
+        "Default: 1.0.",
+    )
+    p.scheduler_names = schedulers
+    return p
+
+
+# ---------------------------------------------------------------- validation
+def _int(parser, option, text, minimum, maximum=None):
+    bound = f"an integer between {minimum} and {maximum}" if maximum is not None else f"an integer >= {minimum}"
+    try:
+        value = int(text.strip(), 10)
+    except ValueError:
+        parser.error(f"{option} {text}: must be {bound}")
+    if value < minimum or (maximum is not None and value > maximum):
+        parser.error(f"{option} {text}: must be {bound}")
+    return value
+
+
+def _float(parser, option, text, minimum):
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value < minimum:
+        parser.error(f"{option} {text}: must be a finite number >= {minimum:g}")
+    return value
+
+
+def _size(parser, option, text):
+    if text is None:
+        return None
+    try:
+        value = int(text.strip(), 10)
+    except ValueError:
+        value = -1
+    if value <= 0 or value % 8:
+        parser.error(f"{option} {text}: must be a positive multiple of 8")
+    return value
+
+
+def _check_scheduler(parser, name):
+    if name in parser.scheduler_names:
+        return name
+    from diffusion_tf.schedulers import SCHEDULERS  # the authority (imports TensorFlow)
+
+    if name not in SCHEDULERS:
+        parser.error(f"--scheduler {name}: unknown scheduler; choose from {', '.join(sorted(SCHEDULERS))}")
+    return name
+
+
+def validate(parser, args):
+    """Check and convert the plain argument values in place (exit 2 on the first bad one)."""
+    args.steps = _int(parser, "--steps", args.steps, 1, MAX_STEPS)
+    args.batch_size = _int(parser, "--batch-size", args.batch_size, 1)
+    args.guidance = _float(parser, "--guidance", args.guidance, 0)
+    args.temperature = _float(parser, "--temperature", args.temperature, 0)
+    args.height = _size(parser, "--height", args.height)
+    args.width = _size(parser, "--width", args.width)
+    if args.seed is not None:
+        args.seed = _int(parser, "--seed", args.seed, 0, MAX_SEED)
+    if not args.output.lower().endswith(".png") or os.path.basename(args.output)[:-4] in ("", "."):
+        parser.error(f"--output {args.output}: must be a file name ending in .png")
+    if not args.model:
+        parser.error("--model: must be a model folder or a preset name")
+    args.scheduler = _check_scheduler(parser, args.scheduler)
+    return args
+
+
+def output_paths(output, count):
+    """`output` for one image; `stem_1.png`, `stem_2.png`, ... for several."""
+    if count == 1:
+        return [output]
+    stem, ext = os.path.splitext(output)
+    return [f"{stem}_{i}{ext}" for i in range(1, count + 1)]
+
+
+def model_name(model):
+    """The model's name for the PNG parameters: the preset name, or the folder's name."""
+    return os.path.basename(os.path.normpath(model)) or model
+
+
+# ---------------------------------------------------------------- progress
+class ProgressBar:
+    """`step 7/20 [=======>    ] 2.1 s/it` on a stream; redrawn in place on a terminal."""
+
+    def __init__(self, stream=None, width=30):
+        self.stream = stream if stream is not None else sys.stderr
+        self.width = width
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.start = time.perf_counter()
+        self.first_done = None
+        self.drawn = False
+
+    def __call__(self, i, n, t=None):
+        now = time.perf_counter()
+        done = i + 1
+        if self.first_done is None:
+            self.first_done = now
+            rate = now - self.start  # the first step includes tracing/compiling
+        else:
+            rate = (now - self.first_done) / (done - 1)
+        filled = int(self.width * done / n)
+        arrow = ">" if filled < self.width else ""
+        bar = "=" * max(filled - len(arrow), 0) + arrow
+        speed = f"{rate:.1f} s/it" if rate >= 1 else f"{rate:.2f} s/it"
+        line = f"step {done}/{n} [{bar:<{self.width}}] {speed}"
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if done == n else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+        self.drawn = done < n
+
+    def close(self):
+        if self.tty and self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.drawn = False
+
+
+def _one_line(message):
+    return " ".join(str(message).split()) if "\n" not in str(message).strip() else str(message).strip()
+
+
+# ---------------------------------------------------------------- main
+def main(argv=None):
+    """Run the command line; returns the exit code (0 ok, 1 write error, 2 bad input, 130 interrupted)."""
+    parser = build_parser()
+    args = validate(parser, parser.parse_args(argv))
+    prog = parser.prog
+    err = sys.stderr
+    paths = output_paths(args.output, args.batch_size)
+    bar = None
+    written = []
+    try:
+        folder = os.path.dirname(os.path.abspath(args.output))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            parser.error(f"--output {args.output}: cannot create the folder {folder} ({e.strerror or e})")
+
+        if args.seed is None:
+            import secrets
+
+            args.seed = secrets.randbelow(MAX_SEED + 1)
+
+        import diffusion_tf  # sets the Keras backend and quiets TensorFlow's C++ logging first
+        from diffusion_tf.png_info import save_png
+        from diffusion_tf.text2image import Text2Image
+
+        err.write(f"loading model {args.model} ...\n")
+        err.flush()
+        t2i = Text2Image(
+            model=args.model,
+            img_height=args.height,
+            img_width=args.width,
+            jit_compile=args.jit_compile,
+            attention=args.attention,
+            scheduler=args.scheduler,
+        )
+        name = model_name(args.model)
+        source = t2i.config.get("source") if isinstance(t2i.config, dict) else None
+        err.write(
+            f"model {name} ({t2i.model_path}"
+            + (f", converted from {source}" if isinstance(source, str) and source else "")
+            + f"), {t2i.img_width}x{t2i.img_height}, {args.steps} steps, {t2i.scheduler.name}, "
+            f"CFG {args.guidance:g}, seed {args.seed}"
+            + (f"..{(args.seed + args.batch_size - 1) % (MAX_SEED + 1)}" if args.batch_size > 1 else "")
+            + (", XLA" if args.jit_compile else "")
+            + "\n"
+        )
+        err.flush()
+
+        bar = ProgressBar(err)
+        images = t2i.generate(
+            args.prompt,
+            negative_prompt=args.negative_prompt,
+            num_steps=args.steps,
+            unconditional_guidance_scale=args.guidance,
+            temperature=args.temperature,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            callback=bar,
+        )
+        bar.close()
+        seeds = list(t2i.last_seeds)
+        for path, image, seed in zip(paths, images, seeds):
+            params = {
+                "prompt": args.prompt,
+                "negative_prompt": args.negative_prompt or None,
+                "steps": args.steps,
+                "sampler": t2i.scheduler.name,
+                "guidance": args.guidance,
+                "seed": seed,
+                "width": t2i.img_width,
+                "height": t2i.img_height,
+                "model": name,
+                "attention": args.attention,
+                "temperature": args.temperature if args.temperature != 1.0 else None,
+            }
+            try:
+                save_png(path, image, params)
+                written.append(path)
+            except OSError as e:
+                err.write(f"{prog}: error: cannot write {path}: {e.strerror or e}\n")
+                return 1
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        saved = f"; saved (complete): {', '.join(written)}" if written else "; no image was saved"
+        err.write(f"{prog}: interrupted{saved}.\n")
+        return EXIT_INTERRUPTED
+    except ValueError as e:  # bad model/size/weights, preset unavailable, ...
+        if bar is not None:
+            bar.close()
+        err.write(f"{prog}: error: {_one_line(e)}\n")
+        return EXIT_USAGE
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -26,11 +26,13 @@ def _check_int(name, value, minimum, maximum=None):
 
 
 def check_size(height, width):
+    """Validates an image size; either may be None (meaning: the model's default)."""
     for name, value in (("img_height", height), ("img_width", width)):
-        _check_int(name, value, 8)
-        if value % 8:
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0 or value % 8:
             raise ValueError(f"{name}={value!r}; must be a positive multiple of 8.")
-    if height * width > MAX_PIXELS:
+    if height is not None and width is not None and height * width > MAX_PIXELS:
         raise ValueError(
             f"img_height x img_width = {height}x{width} exceeds the pixel budget of "
             f"{MAX_PIXELS} pixels (2048x2048)."
@@ -95,8 +97,7 @@ class Text2Image:
             raise ValueError(
                 f"scheduler={scheduler!r}; allowed: {', '.join(sorted(schedulers.SCHEDULERS))}."
             )
-        if img_height is not None or img_width is not None:
-            check_size(img_height or img_width, img_width or img_height)
+        check_size(img_height, img_width)
         self.model_path = resolve_model(model, download)
         parts = load_folder(self.model_path, attention=attention, dtype=dtype)
         self.config = parts["config"]
@@ -106,8 +107,9 @@ class Text2Image:
         self.vae = parts["vae"]
         self.scheduler = schedulers.get(scheduler, **self.config["scheduler"])
         native = self.unet.sample_size * self.vae.downsampling_factor
-        self.img_height = img_height or img_width or native
-        self.img_width = img_width or img_height or native
+        self.img_height = img_height if img_height is not None else (img_width or native)
+        self.img_width = img_width if img_width is not None else (img_height or native)
+        check_size(self.img_height, self.img_width)
         self.jit_compile = bool(jit_compile)
         self.attention = attention
         self.last_seeds = None

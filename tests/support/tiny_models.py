@@ -116,3 +116,17 @@ def write_single_file(name, path):
     else:
         save_torch_zip(tensors, path, wrap_in_state_dict=True, extra={"global_step": 470000})
     return path
+
+
+@functools.lru_cache(maxsize=None)
+def converted_folder(name="tiny-sd1"):
+    """A model folder of the tiny model, converted once per test session."""
+    import atexit
+    import tempfile
+
+    from weights_port.convert import convert_checkpoint
+
+    root = tempfile.mkdtemp(prefix="diffusion_tf_tiny_")
+    atexit.register(shutil.rmtree, root, True)
+    src = write_diffusers_folder(name, os.path.join(root, "diffusers"))
+    return convert_checkpoint(src, os.path.join(root, "model"), log=lambda *_: None)

@@ -1,0 +1,341 @@
+"""The text2image.py command line: help, argument errors, a real run on the tiny model."""
+
+import contextlib
+import io
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from support import tiny_models
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import text2image  # noqa: E402  (the CLI module at the repository root)
+
+PROG = "text2image.py"
+OPTIONS = [
+    "--prompt", "--negative-prompt", "--steps", "--guidance", "--seed", "--batch-size", "--height",
+    "--width", "--model", "--attention", "--scheduler", "--jit-compile", "--no-jit-compile",
+    "--output", "--temperature", "--help",
+]
+RUN_ARGS = ["--steps", "3", "--height", "64", "--width", "64", "--seed", "5", "--batch-size", "2",
+            "--output", "tmp/out.png"]
+PROMPT, NEGATIVE = "a cat, sitting: on a mat", "blurry, low quality"
+
+
+def run_cli(argv):
+    """(exit code, stdout, stderr) of main(argv), SystemExit included."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = text2image.main(argv)
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def error_lines(err):
+    return [line for line in err.splitlines() if line.startswith(f"{PROG}: error:")]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A converted tiny-sd1 model folder (built once for this module)."""
+    from weights_port.convert import convert_checkpoint
+
+    root = tmp_path_factory.mktemp("cli-model")
+    src = tiny_models.write_diffusers_folder("tiny-sd1", str(root / "diffusers"))
+    dst = str(root / "tiny-sd1")
+    convert_checkpoint(src, dst, log=lambda *_: None)
+    return dst
+
+
+# ---------------------------------------------------------------- help
+def test_help_lists_every_option_schedulers_and_examples(capsys):
+    from diffusion_tf.presets import list_presets
+    from diffusion_tf.schedulers import SCHEDULERS
+
+    with pytest.raises(SystemExit) as e:
+        text2image.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    parser = text2image.build_parser()
+    for action in parser._actions:
+        for option in action.option_strings:
+            assert option in out
+        assert action.help, f"{action.option_strings} has no help text"
+    for option in OPTIONS:
+        assert option in out
+    assert sorted(parser.scheduler_names) == sorted(SCHEDULERS)
+    for name in list(SCHEDULERS) + list_presets():
+        assert name in out
+    assert 'python text2image.py --prompt "an astronaut riding a horse"' in out
+    assert "python -m weights_port v1-5-pruned-emaonly.safetensors sd15 --config sd-v1-5" in out
+    assert "--model sd15" in out
+
+
+def test_help_and_argument_errors_do_not_import_tensorflow():
+    code = (
+        "import sys, time\n"
+        "t = time.perf_counter()\n"
+        "import text2image\n"
+        "for argv in (['--help'], ['--prompt', 'x', '--height', '500'], ['--prompt', 'x', '--scheduler', 'ddim', '--steps', '0']):\n"
+        "    try:\n"
+        "        text2image.main(argv)\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == (0 if argv == ['--help'] else 2), (argv, e.code)\n"
+        "    else:\n"
+        "        raise AssertionError(argv)\n"
+        "print('TF', 'tensorflow' in sys.modules, 'keras' in sys.modules)\n"
+        "print('SECONDS', time.perf_counter() - t)\n"
+    )
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    wall = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr
+    assert "TF False False" in proc.stdout
+    assert "Traceback" not in proc.stderr
+    assert wall < 5, f"--help and argument errors took {wall:.1f} s"
+
+
+# ---------------------------------------------------------------- bad arguments
+BAD = [
+    (["--height", "500"], "--height 500"),
+    (["--width", "0"], "--width 0"),
+    (["--height", "-64"], "--height -64"),
+    (["--width", "abc"], "--width abc"),
+    (["--steps", "0"], "--steps 0"),
+    (["--steps", "-1"], "--steps -1"),
+    (["--steps", "1001"], "--steps 1001"),
+    (["--batch-size", "0"], "--batch-size 0"),
+    (["--guidance", "-1"], "--guidance -1"),
+    (["--guidance", "nan"], "--guidance nan"),
+    (["--temperature", "-0.5"], "--temperature -0.5"),
+    (["--seed", "-1"], "--seed -1"),
+    (["--seed", "1.5"], "--seed 1.5"),
+    (["--seed", str(2**32)], f"--seed {2**32}"),
+    (["--output", "x.jpg"], "--output x.jpg"),
+    (["--output", "out/.png"], "--output out/.png"),
+    (["--scheduler", "no-such-sampler"], "--scheduler no-such-sampler"),
+    (["--attention", "quadratic"], "quadratic"),
+]
+
+
+@pytest.mark.parametrize("args,named", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_argument_is_one_line_and_exit_2(args, named, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # A missing model too: the plain values must be rejected before any model is looked at.
+    code, out, err = run_cli(["--prompt", "x", "--model", "/nonexistent-model"] + args)
+    assert code == 2
+    assert "Traceback" not in err
+    assert err.strip().count("\n") == 0, err  # exactly one line
+    assert err.startswith(f"{PROG}: error: ") and named in err
+    assert "nonexistent-model" not in err
+    assert out == "" and os.listdir(tmp_path) == []
+
+
+def test_missing_prompt_is_an_error():
+    code, _, err = run_cli([])
+    assert code == 2 and "--prompt" in err and "Traceback" not in err
+
+
+def test_unknown_model_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = text2image.main(["--prompt", "x", "--model", "/nonexistent", "--steps", "1"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "Traceback" not in captured.err
+    lines = error_lines(captured.err)
+    assert len(lines) == 1 and "/nonexistent" in lines[0], captured.err
+    assert captured.err.rstrip().splitlines()[-1] == lines[0]
+    assert captured.out == "" and os.listdir(tmp_path) == []
+
+
+def test_truncated_weights_file_is_reported_as_corrupt(tiny_model, tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "broken-model"
+    shutil.copytree(tiny_model, bad)
+    weights = bad / "unet.weights.h5"
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    monkeypatch.chdir(tmp_path)
+    code = text2image.main(["--prompt", "x", "--model", str(bad), "--steps", "1", "--height", "64"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "Traceback" not in captured.err
+    lines = error_lines(captured.err)
+    assert len(lines) == 1, captured.err
+    assert "corrupt" in lines[0] and "unet.weights.h5" in lines[0]
+    assert not (tmp_path / "output.png").exists()
+
+
+# ---------------------------------------------------------------- a real run
+@pytest.fixture(scope="module")
+def real_run(tiny_model, tmp_path_factory):
+    """The same command run twice in one folder: the results of both runs."""
+    folder = tmp_path_factory.mktemp("cli-run")
+    argv = ["--model", tiny_model, "--prompt", PROMPT, "--negative-prompt", NEGATIVE] + RUN_ARGS
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        runs = []
+        for _ in range(2):
+            code, out, err = run_cli(argv)
+            files = {name: (folder / "tmp" / name).read_bytes() for name in sorted(os.listdir(folder / "tmp"))}
+            runs.append({"code": code, "out": out, "err": err, "files": files})
+    finally:
+        os.chdir(cwd)
+    return {"folder": folder, "runs": runs}
+
+
+def test_real_run_writes_numbered_pngs(real_run):
+    folder = real_run["folder"]
+    first = real_run["runs"][0]
+    assert first["code"] == 0, first["err"]
+    assert sorted(first["files"]) == ["out_1.png", "out_2.png"]  # no temporary files left
+    assert first["out"].split() == [os.path.join("tmp", "out_1.png"), os.path.join("tmp", "out_2.png")]
+    for name in first["files"]:
+        with Image.open(folder / "tmp" / name) as im:
+            assert im.format == "PNG" and im.mode == "RGB" and im.size == (64, 64)
+
+
+def test_real_run_parameters_chunk(real_run, tiny_model):
+    from diffusion_tf.png_info import read_parameters
+
+    folder = real_run["folder"]
+    for name, seed in (("out_1.png", 5), ("out_2.png", 6)):
+        assert read_parameters(folder / "tmp" / name) == {
+            "prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": 3, "sampler": "ddim",
+            "guidance": 7.5, "seed": seed, "width": 64, "height": 64,
+            "model": os.path.basename(tiny_model), "attention": "standard",
+        }
+
+
+def test_real_run_reports_model_seed_and_progress(real_run, tiny_model):
+    err = real_run["runs"][0]["err"]
+    assert "Traceback" not in err and "error" not in err
+    model_lines = [line for line in err.splitlines() if line.startswith("model ")]
+    assert len(model_lines) == 1
+    assert tiny_model in model_lines[0] and "seed 5" in model_lines[0]
+    for step in (1, 2, 3):
+        assert f"step {step}/3 [" in err
+    assert "s/it" in err
+
+
+def test_real_run_is_repeatable(real_run):
+    first, second = real_run["runs"]
+    assert second["code"] == 0
+    assert first["files"] == second["files"]  # byte-identical PNGs
+    assert first["files"]["out_1.png"] != first["files"]["out_2.png"]  # seeds 5 and 6 differ
+
+
+def test_files_equal_text2image_generate(real_run, tiny_model):
+    from diffusion_tf import Text2Image
+
+    files = [np.asarray(Image.open(real_run["folder"] / "tmp" / n)) for n in ("out_1.png", "out_2.png")]
+    t2i = Text2Image(model=tiny_model, img_height=64, img_width=64)
+    kwargs = dict(negative_prompt=NEGATIVE, num_steps=3, unconditional_guidance_scale=7.5, batch_size=2, seed=5)
+    images = t2i.generate(PROMPT, **kwargs)  # the fused loop, as a library user calls it
+    assert t2i.last_seeds == [5, 6]
+    np.testing.assert_array_equal(images, np.stack(files))
+
+
+# ---------------------------------------------------------------- interrupts and write errors
+class FakeText2Image:
+    """Stands in for Text2Image where only the CLI's own handling is tested."""
+
+    fail_at_step = None
+
+    def __init__(self, model, img_height=None, img_width=None, **kwargs):
+        self.model_path = model
+        self.config = {"source": "fake"}
+        self.img_height, self.img_width = img_height or 16, img_width or 16
+        self.scheduler = type("S", (), {"name": "ddim"})()
+        self.last_seeds = None
+
+    def generate(self, prompt, batch_size=1, seed=0, num_steps=1, callback=None, **kwargs):
+        self.last_seeds = [seed + i for i in range(batch_size)]
+        for i in range(num_steps):
+            if i == self.fail_at_step:
+                raise KeyboardInterrupt
+            callback(i, num_steps, 999 - i)
+        return np.zeros((batch_size, self.img_height, self.img_width, 3), "uint8")
+
+
+@pytest.fixture
+def fake(monkeypatch, tmp_path):
+    import diffusion_tf.text2image
+
+    monkeypatch.setattr(diffusion_tf.text2image, "Text2Image", FakeText2Image)
+    monkeypatch.setattr(FakeText2Image, "fail_at_step", None)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_interrupt_during_generation_exits_130_without_files(fake, monkeypatch):
+    monkeypatch.setattr(FakeText2Image, "fail_at_step", 2)
+    code, out, err = run_cli(["--prompt", "x", "--model", "m", "--steps", "5", "--output", "o/out.png"])
+    assert code == 130
+    assert "interrupted" in err and "Traceback" not in err
+    assert "step 2/5" in err and out == ""
+    assert os.listdir(fake / "o") == []
+
+
+def test_interrupt_while_writing_leaves_only_complete_files(fake, monkeypatch):
+    real_save = Image.Image.save
+    calls = []
+
+    def save(self, fp, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    code, _, err = run_cli(["--prompt", "x", "--model", "m", "--steps", "1", "--batch-size", "3", "--seed", "1"])
+    assert code == 130 and "Traceback" not in err
+    assert os.listdir(fake) == ["output_1.png"]
+    assert "output_1.png" in err
+    with Image.open(fake / "output_1.png") as im:
+        assert im.size == (16, 16)
+
+
+def test_write_error_is_one_line_exit_1(fake, monkeypatch):
+    def save(self, fp, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    code, out, err = run_cli(["--prompt", "x", "--model", "m", "--steps", "1"])
+    assert code == 1 and "Traceback" not in err
+    assert error_lines(err) == [f"{PROG}: error: cannot write output.png: No space left on device"]
+    assert os.listdir(fake) == []
+
+
+def test_random_seed_is_reported_and_saved(fake):
+    from diffusion_tf.png_info import read_parameters
+
+    code, out, err = run_cli(["--prompt", "x", "--model", "m", "--steps", "1", "--temperature", "0.5"])
+    assert code == 0 and out.split() == ["output.png"]
+    params = read_parameters(fake / "output.png")
+    assert 0 <= params["seed"] < 2**32 and f"seed {params['seed']}" in err
+    assert params["temperature"] == 0.5 and params["model"] == "m"
+
+
+def test_output_paths_and_progress_bar():
+    assert text2image.output_paths("a/b.png", 1) == ["a/b.png"]
+    assert text2image.output_paths("a/b.png", 3) == ["a/b_1.png", "a/b_2.png", "a/b_3.png"]
+    stream = io.StringIO()
+    bar = text2image.ProgressBar(stream, width=10)
+    for i in range(4):
+        bar(i, 4, 999)
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("step 1/4 [=>        ] ") and lines[0].endswith(" s/it")
+    assert lines[-1].startswith("step 4/4 [==========] ")
