@@ -295,7 +295,8 @@ class ProgressBar:
 
 
 def _one_line(message):
-    return " ".join(str(message).split()) if "\n" not in str(message).strip() else str(message).strip()
+    """An error message on one line (some, e.g. PresetUnavailableError's, span several)."""
+    return " ".join(str(message).split())
 
 
 # ---------------------------------------------------------------- main
@@ -326,14 +327,18 @@ def main(argv=None):
 
         err.write(f"loading model {args.model} ...\n")
         err.flush()
-        t2i = Text2Image(
-            model=args.model,
-            img_height=args.height,
-            img_width=args.width,
-            jit_compile=args.jit_compile,
-            attention=args.attention,
-            scheduler=args.scheduler,
-        )
+        try:
+            t2i = Text2Image(
+                model=args.model,
+                img_height=args.height,
+                img_width=args.width,
+                jit_compile=args.jit_compile,
+                attention=args.attention,
+                scheduler=args.scheduler,
+            )
+        except OSError as e:  # an unreadable file of the model folder (ValueErrors: below)
+            err.write(f"{prog}: error: cannot load model {args.model}: {_one_line(e)}\n")
+            return EXIT_USAGE
         name = model_name(args.model)
         source = t2i.config.get("source") if isinstance(t2i.config, dict) else None
         err.write(

@@ -177,14 +177,37 @@ def test_truncated_weights_file_is_reported_as_corrupt(tiny_model, tmp_path, mon
     assert not (tmp_path / "output.png").exists()
 
 
+def test_unreadable_model_file_is_one_line(tiny_model, tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "no-merges"
+    shutil.copytree(tiny_model, bad)
+    os.remove(bad / "tokenizer" / "merges.txt")
+    monkeypatch.chdir(tmp_path)
+    code = text2image.main(["--prompt", "x", "--model", str(bad), "--steps", "1"])
+    captured = capsys.readouterr()
+    assert code == 2 and "Traceback" not in captured.err
+    lines = error_lines(captured.err)
+    assert len(lines) == 1 and "merges.txt" in lines[0], captured.err
+
+
 # ---------------------------------------------------------------- a real run
 @pytest.fixture(scope="module")
 def real_run(tiny_model, tmp_path_factory):
     """The same command run twice in one folder: the results of both runs."""
     folder = tmp_path_factory.mktemp("cli-run")
     argv = ["--model", tiny_model, "--prompt", PROMPT, "--negative-prompt", NEGATIVE] + RUN_ARGS
+    import diffusion_tf.text2image
+
+    real = diffusion_tf.text2image.Text2Image
+    made = []
+
+    class Recording(real):  # the real class; remembers its instances and their arguments
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append((self, args, kwargs))
+
     cwd = os.getcwd()
     os.chdir(folder)
+    diffusion_tf.text2image.Text2Image = Recording
     try:
         runs = []
         for _ in range(2):
@@ -192,8 +215,9 @@ def real_run(tiny_model, tmp_path_factory):
             files = {name: (folder / "tmp" / name).read_bytes() for name in sorted(os.listdir(folder / "tmp"))}
             runs.append({"code": code, "out": out, "err": err, "files": files})
     finally:
+        diffusion_tf.text2image.Text2Image = real
         os.chdir(cwd)
-    return {"folder": folder, "runs": runs}
+    return {"folder": folder, "runs": runs, "made": made}
 
 
 def test_real_run_writes_numbered_pngs(real_run):
@@ -238,12 +262,18 @@ def test_real_run_is_repeatable(real_run):
 
 
 def test_files_equal_text2image_generate(real_run, tiny_model):
-    from diffusion_tf import Text2Image
-
     files = [np.asarray(Image.open(real_run["folder"] / "tmp" / n)) for n in ("out_1.png", "out_2.png")]
-    t2i = Text2Image(model=tiny_model, img_height=64, img_width=64)
-    kwargs = dict(negative_prompt=NEGATIVE, num_steps=3, unconditional_guidance_scale=7.5, batch_size=2, seed=5)
-    images = t2i.generate(PROMPT, **kwargs)  # the fused loop, as a library user calls it
+    # One Text2Image per run, built from the command line's values. The second run's
+    # (a fresh instance) is reused here to spare this module another ~5 s model build.
+    made = real_run["made"]
+    assert len(made) == 2 and made[0][0] is not made[1][0]
+    t2i, args, kwargs = made[1]
+    assert args == ()
+    assert kwargs == dict(model=tiny_model, img_height=64, img_width=64, jit_compile=False,
+                          attention="standard", scheduler="ddim")
+    # The plain library call (the fused loop, no callback), as a user writes it.
+    images = t2i.generate(PROMPT, negative_prompt=NEGATIVE, num_steps=3, unconditional_guidance_scale=7.5,
+                          batch_size=2, seed=5)
     assert t2i.last_seeds == [5, 6]
     np.testing.assert_array_equal(images, np.stack(files))
 
