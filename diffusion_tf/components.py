@@ -31,11 +31,15 @@ def load_tokenizer(folder, config):
         "pad_token_id": tok.get("pad_token_id", 49407),
     }
     files = os.path.join(folder, "tokenizer")
-    if os.path.isfile(os.path.join(files, "vocab.json")):
-        return CLIPTokenizer(
-            os.path.join(files, "vocab.json"), os.path.join(files, "merges.txt"), **kwargs
-        )
-    return CLIPTokenizer(**kwargs)
+    if not os.path.isfile(os.path.join(files, "vocab.json")):
+        return CLIPTokenizer(**kwargs)
+    try:
+        return CLIPTokenizer(os.path.join(files, "vocab.json"), os.path.join(files, "merges.txt"), **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"the tokenizer files in {files!r} (vocab.json, merges.txt) are missing or corrupt: "
+            f"{type(e).__name__}: {e}"
+        ) from None
 
 
 def load_folder(folder, attention="standard", dtype=None):
