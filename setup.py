@@ -33,7 +33,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest"],
-        "parity": ["torch", "diffusers", "transformers"],
+        "parity": ["torch==2.13.0", "diffusers==0.42.1", "transformers==5.23.0"],
     },
     entry_points={
         "console_scripts": [

@@ -21,8 +21,11 @@ import h5py
 import keras
 import numpy as np
 
+from diffusion_tf.layers.group_norm import GroupNormalization
+
 # Keras class -> {variable attribute: (torch parameter name, to_torch transpose)}
 _PARAMS = {
+    GroupNormalization: {"gamma": ("weight", None), "beta": ("bias", None)},
     keras.layers.Dense: {"kernel": ("weight", (1, 0)), "bias": ("bias", None)},
     keras.layers.Conv2D: {"kernel": ("weight", (3, 2, 0, 1)), "bias": ("bias", None)},
     keras.layers.LayerNormalization: {"gamma": ("weight", None), "beta": ("bias", None)},

@@ -30,9 +30,9 @@ def get_activation(name):
 
 def group_norm(groups, epsilon, name, dtype):
     """GroupNorm over the channel (last) axis; statistics in float32."""
-    return keras.layers.GroupNormalization(
-        groups=groups, epsilon=epsilon, name=name, dtype=dtype
-    )
+    from diffusion_tf.layers.group_norm import GroupNormalization
+
+    return GroupNormalization(groups=groups, epsilon=epsilon, name=name, dtype=dtype)
 
 
 def layer_norm(epsilon, name, dtype):

@@ -219,7 +219,7 @@ class UNet2DConditionModel(Model):
         self(
             ops.zeros((1, side, side, self.in_channels)),
             ops.zeros((1,)),
-            ops.zeros((1, 1, cross)),
+            ops.zeros((1, 2, cross)),
         )
 
     def get_config(self):
