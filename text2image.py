@@ -47,49 +47,26 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Never breaks a help line inside a hyphenated word (scheduler names like "dpm++2m-karras")."""
+
+    def _split_lines(self, text, width):
+        import textwrap
+
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
+
 def _prog():
     name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     return name if name in ("text2image", "text2image.py") else "text2image.py"
 
 
 def scheduler_names():
-    """Names of the schedulers in diffusion_tf.schedulers, read from their source.
+    """Every name diffusion_tf.schedulers.get accepts, from its Keras-free names module
+    (importing the schedulers themselves would import TensorFlow, which --help must not wait for)."""
+    from diffusion_tf.schedulers.names import NAMES
 
-    Importing diffusion_tf.schedulers imports Keras and TensorFlow, which --help
-    must not wait for; the authoritative `SCHEDULERS` dict is consulted only for a
-    name not found here (see `_check_scheduler`).
-    """
-    import ast
-    import importlib.util
-
-    names = set()
-    try:
-        spec = importlib.util.find_spec("diffusion_tf.schedulers")
-        folders = list(spec.submodule_search_locations or []) if spec else []
-        for folder in folders:
-            for filename in sorted(os.listdir(folder)):
-                if not filename.endswith(".py"):
-                    continue
-                with open(os.path.join(folder, filename), encoding="utf-8") as f:
-                    tree = ast.parse(f.read())
-                for node in ast.walk(tree):
-                    if not isinstance(node, ast.ClassDef):
-                        continue
-                    for stmt in node.body:
-                        if (
-                            isinstance(stmt, ast.Assign)
-                            and any(isinstance(t, ast.Name) and t.id == "name" for t in stmt.targets)
-                            and isinstance(stmt.value, ast.Constant)
-                            and isinstance(stmt.value.value, str)
-                        ):
-                            names.add(stmt.value.value)
-    except (OSError, SyntaxError, ImportError, ValueError):
-        names = set()
-    if not names:  # source not readable (e.g. a zipped install): ask the package itself
-        from diffusion_tf.schedulers import SCHEDULERS
-
-        names = set(SCHEDULERS)
-    return sorted(names)
+    return list(NAMES)
 
 
 def _preset_names():
@@ -109,7 +86,7 @@ def build_parser():
         description="Generate images from a text prompt with Stable Diffusion 1.x/2.x\n"
         "(diffusion_tf: Keras 3 on TensorFlow) and save them as PNG files.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--prompt", required=True, help="the text describing the image (required).")
     p.add_argument(
@@ -173,8 +150,8 @@ def build_parser():
     )
     p.add_argument(
         "--temperature", metavar="T", default="1.0",
-        help="scale of the fresh noise of stochastic samplers, >= 0 (deterministic DDIM ignores it). "
-        "Default: 1.0.",
+        help="scale of the fresh noise of stochastic samplers (ddpm, euler_a), >= 0; "
+        "deterministic ones ignore it. Default: 1.0.",
     )
     p.scheduler_names = schedulers
     return p
@@ -215,12 +192,8 @@ def _size(parser, option, text):
 
 
 def _check_scheduler(parser, name):
-    if name in parser.scheduler_names:
-        return name
-    from diffusion_tf.schedulers import SCHEDULERS  # the authority (imports TensorFlow)
-
-    if name not in SCHEDULERS:
-        parser.error(f"--scheduler {name}: unknown scheduler; choose from {', '.join(sorted(SCHEDULERS))}")
+    if name not in parser.scheduler_names:
+        parser.error(f"--scheduler {name}: unknown scheduler; choose from {', '.join(parser.scheduler_names)}")
     return name
 
 

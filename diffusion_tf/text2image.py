@@ -76,7 +76,8 @@ class Text2Image:
         jit_compile: compile the generation with XLA (else a TensorFlow graph).
         attention: "standard" (softmax) or "linear" (LinearAttention in the UNet's
             self-attention; an approximation with softmax-trained weights).
-        scheduler: a name from `diffusion_tf.schedulers.SCHEDULERS`.
+        scheduler: a name from `diffusion_tf.schedulers.NAMES` ("ddim", "dpm++2m-karras",
+            "euler_a", ...), built with the model folder's scheduler config.
         dtype: Keras dtype policy of the networks (default float32).
     """
 
@@ -93,10 +94,7 @@ class Text2Image:
     ):
         if attention not in ATTENTION_TYPES:
             raise ValueError(f"attention={attention!r}; allowed: {sorted(ATTENTION_TYPES)}.")
-        if scheduler not in schedulers.SCHEDULERS:
-            raise ValueError(
-                f"scheduler={scheduler!r}; allowed: {', '.join(sorted(schedulers.SCHEDULERS))}."
-            )
+        _check_scheduler_name(scheduler)
         check_size(img_height, img_width)
         self.model_path = resolve_model(model, download)
         parts = load_folder(self.model_path, attention=attention, dtype=dtype)
@@ -105,7 +103,8 @@ class Text2Image:
         self.text_encoder = parts["text_encoder"]
         self.unet = parts["unet"]
         self.vae = parts["vae"]
-        self.scheduler = schedulers.get(scheduler, **self.config["scheduler"])
+        self._schedulers = {}
+        self.scheduler = self.get_scheduler(scheduler)
         native = self.unet.sample_size * self.vae.downsampling_factor
         self.img_height = img_height if img_height is not None else (img_width or native)
         self.img_width = img_width if img_width is not None else (img_height or native)
@@ -144,30 +143,40 @@ class Text2Image:
         return self.vae.encode(images) * self.vae.scaling_factor
 
     # ------------------------------------------------------------ sampling
-    def initial_latents(self, seeds):
-        """Standard-normal latents, one independent stream per seed (a batch equals single runs)."""
+    def get_scheduler(self, name):
+        """The scheduler `name` with this model's scheduler config (one instance per name)."""
+        _check_scheduler_name(name)
+        if name not in self._schedulers:
+            self._schedulers[name] = schedulers.get(name, **self.config["scheduler"])
+        return self._schedulers[name]
+
+    def initial_latents(self, seeds, scheduler=None):
+        """Standard-normal latents, one independent stream per seed (a batch equals single runs),
+        times the scheduler's `init_noise_sigma` (call its `set_timesteps` first)."""
+        scheduler = self.scheduler if scheduler is None else scheduler
         shape = self.latent_shape
         noise = [tf.random.stateless_normal(shape, seed=[int(s), 0]) for s in seeds]
-        return tf.stack(noise) * self.scheduler.init_noise_sigma
+        return tf.stack(noise) * scheduler.init_noise_sigma
 
-    def _denoise(self, latents, t, context, guidance, use_guidance):
-        """One guided UNet evaluation: conditional and unconditional passes in one batch."""
+    def _denoise(self, latents, i, context, guidance, use_guidance, scheduler, tables):
+        """One guided UNet evaluation at step index i: conditional and unconditional passes in one batch."""
+        t = scheduler.model_timestep(i, tables)  # float32; fractional with Karras sigmas
         if use_guidance:
             x = ops.concatenate([latents, latents], axis=0)
-            x = self.scheduler.scale_model_input(x, t)
+            x = scheduler.scale_model_input(x, i, tables)
             out = ops.cast(self.unet(x, t, context), "float32")
             uncond, cond = ops.split(out, 2, axis=0)
             return uncond + guidance * (cond - uncond)
-        x = self.scheduler.scale_model_input(latents, t)
+        x = scheduler.scale_model_input(latents, i, tables)
         return ops.cast(self.unet(x, t, context), "float32")
 
     def _context(self, cond_ids, uncond_ids, use_guidance):
         ids = ops.concatenate([uncond_ids, cond_ids], axis=0) if use_guidance else cond_ids
         return self.text_encoder(ids)
 
-    def _step_noise(self, latents, seed, i, temperature):
+    def _step_noise(self, latents, seed, i, temperature, scheduler):
         """Fresh noise for stochastic samplers (None for deterministic ones)."""
-        if not self.scheduler.stochastic:
+        if not scheduler.stochastic:
             return None
         seed_pair = tf.stack([seed, tf.cast(i, "int64") + 1])
         return tf.random.stateless_normal(tf.shape(latents), seed=seed_pair) * temperature
@@ -177,31 +186,38 @@ class Text2Image:
             self._functions[key] = tf.function(fn, jit_compile=self.jit_compile, reduce_retracing=True)
         return self._functions[key]
 
-    def _generate_fn(self, use_guidance):
-        """encode text -> fori_loop over the denoising steps -> decode, as one function."""
+    def _generate_fn(self, use_guidance, scheduler=None):
+        """encode text -> fori_loop over the denoising steps -> decode, as one function.
 
-        def generate(cond_ids, uncond_ids, latents, timesteps, guidance, temperature, seed):
+        The loop carries (latents, scheduler state); the scheduler's per-step tables come
+        in as an argument, so another step count reuses the function."""
+        scheduler = self.scheduler if scheduler is None else scheduler
+
+        def generate(cond_ids, uncond_ids, latents, tables, guidance, temperature, seed):
             context = self._context(cond_ids, uncond_ids, use_guidance)
-            scheduler = self.scheduler
 
-            def body(i, latents):
-                t = timesteps[i]
-                out = self._denoise(latents, t, context, guidance, use_guidance)
-                noise = self._step_noise(latents, seed, i, temperature)
-                return scheduler.step(out, t, latents, noise=noise)
+            def body(i, carry):
+                latents, state = carry
+                out = self._denoise(latents, i, context, guidance, use_guidance, scheduler, tables)
+                noise = self._step_noise(latents, seed, i, temperature, scheduler)
+                return scheduler.step_fn(out, i, latents, state, noise=noise, tables=tables)
 
-            latents = ops.fori_loop(0, ops.shape(timesteps)[0], body, latents)
+            steps = ops.shape(tables["model_timesteps"])[0]
+            latents, _ = ops.fori_loop(0, steps, body, (latents, scheduler.init_state(latents)))
             return self.decode(latents)
 
-        return self._compiled(("generate", use_guidance, id(self.scheduler)), generate)
+        # keyed by the scheduler object itself (kept alive by the key, so never confused)
+        return self._compiled(("generate", use_guidance, scheduler), generate)
 
-    def _step_fn(self, use_guidance):
-        def step(latents, t, i, context, guidance, temperature, seed):
-            out = self._denoise(latents, t, context, guidance, use_guidance)
-            noise = self._step_noise(latents, seed, i, temperature)
-            return self.scheduler.step(out, t, latents, noise=noise)
+    def _step_fn(self, use_guidance, scheduler=None):
+        scheduler = self.scheduler if scheduler is None else scheduler
 
-        return self._compiled(("step", use_guidance, id(self.scheduler)), step)
+        def step(latents, state, i, context, tables, guidance, temperature, seed):
+            out = self._denoise(latents, i, context, guidance, use_guidance, scheduler, tables)
+            noise = self._step_noise(latents, seed, i, temperature, scheduler)
+            return scheduler.step_fn(out, i, latents, state, noise=noise, tables=tables)
+
+        return self._compiled(("step", use_guidance, scheduler), step)
 
     # ------------------------------------------------------------ API
     def generate(
@@ -215,16 +231,22 @@ class Text2Image:
         seed=None,
         latents=None,
         callback=None,
+        scheduler=None,
     ):
         """Generate images; returns uint8 [len(prompts) * batch_size, H, W, 3].
 
         `negative_prompt` replaces the empty unconditional prompt of classifier-free
         guidance (used when the guidance scale is above 1). `seed` makes runs
         repeatable: image i of the batch uses seed + i. `latents` [B, h, w, 4] (NHWC)
-        replaces the random start. `temperature` scales the noise of stochastic
-        samplers (DDIM with eta > 0); deterministic DDIM ignores it. `callback(i, n, t)`
-        is called after every step (the loop then runs step by step on the host).
+        replaces the random start (it is multiplied by the scheduler's `init_noise_sigma`).
+        `temperature` scales the fresh noise of stochastic samplers (DDPM, Euler ancestral,
+        DDIM with eta > 0); deterministic ones ignore it. `callback(i, n, t)` is called
+        after every model evaluation, n = len(timesteps) (2 * num_steps - 1 for Heun,
+        num_steps + 1 for PNDM); the loop then runs step by step on the host.
+        `scheduler`: a scheduler name for this call only (e.g. "dpm++2m-karras"; default:
+        the constructor's).
         """
+        sched = self.scheduler if scheduler is None else self.get_scheduler(scheduler)
         prompts = _prompt_list(prompt)
         num_steps = _check_int("num_steps", num_steps, 1, MAX_STEPS)
         batch_size = _check_int("batch_size", batch_size, 1)
@@ -252,8 +274,9 @@ class Text2Image:
         seeds = [(seed + i) % (MAX_SEED + 1) for i in range(batch)]
         self.last_seeds = seeds
 
+        timesteps = sched.set_timesteps(num_steps)  # before init_noise_sigma (it may depend on it)
         if latents is None:
-            latents = self.initial_latents(seeds)
+            latents = self.initial_latents(seeds, sched)
         else:
             latents = np.asarray(latents, dtype="float32")
             expected = (batch,) + self.latent_shape
@@ -264,10 +287,10 @@ class Text2Image:
                 )
             if not np.all(np.isfinite(latents)):
                 raise ValueError("latents contain NaN or Inf values.")
-            latents = tf.constant(latents * self.scheduler.init_noise_sigma)
+            latents = tf.constant(latents * np.float32(sched.init_noise_sigma))
 
         use_guidance = guidance > 1.0
-        timesteps = self.scheduler.set_timesteps(num_steps)
+        tables = {k: tf.constant(v) for k, v in sched.tables.items()}
         args = dict(
             cond_ids=tf.constant(self.tokenizer(prompts)),
             uncond_ids=tf.constant(self.tokenizer(negatives)),
@@ -276,23 +299,29 @@ class Text2Image:
             seed=tf.constant(seed, "int64"),
         )
         if callback is None:
-            images = self._generate_fn(use_guidance)(
+            images = self._generate_fn(use_guidance, sched)(
                 args["cond_ids"], args["uncond_ids"], latents,
-                tf.constant(timesteps, "int32"), args["guidance"], args["temperature"], args["seed"],
+                tables, args["guidance"], args["temperature"], args["seed"],
             )
         else:
             context = self._compiled(("context", use_guidance), lambda c, u: self._context(c, u, use_guidance))(
                 args["cond_ids"], args["uncond_ids"]
             )
-            step = self._step_fn(use_guidance)
+            step = self._step_fn(use_guidance, sched)
+            state = sched.init_state(latents)
             for i, t in enumerate(timesteps):
-                latents = step(
-                    latents, tf.constant(t, "int32"), tf.constant(i, "int64"), context,
+                latents, state = step(
+                    latents, state, tf.constant(i, "int32"), context, tables,
                     args["guidance"], args["temperature"], args["seed"],
                 )
-                callback(i, num_steps, int(t))
+                callback(i, len(timesteps), t.item())
             images = self._compiled("decode", self.decode)(latents)
         return to_uint8(images)
+
+
+def _check_scheduler_name(name):
+    if not isinstance(name, str) or name not in schedulers.NAMES:
+        raise ValueError(f"scheduler={name!r}; allowed: {', '.join(schedulers.NAMES)}.")
 
 
 def to_uint8(images):

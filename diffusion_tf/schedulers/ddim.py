@@ -1,5 +1,6 @@
 """DDIM: Song et al., "Denoising Diffusion Implicit Models" (2020), eq. (12)."""
 
+import numpy as np
 from keras import ops
 
 from diffusion_tf.schedulers.schedule import predicted_original_and_noise
@@ -31,6 +32,8 @@ class DDIMScheduler(Scheduler):
             num_train_timesteps, beta_start, beta_end, beta_schedule,
             prediction_type, timestep_spacing, steps_offset,
         )
+        if not isinstance(eta, (int, float, np.number)) or not np.isfinite(eta) or eta < 0:
+            raise ValueError(f"eta={eta!r}; must be a finite number >= 0.")
         self.set_alpha_to_one = set_alpha_to_one
         self.eta = eta
         self.final_alpha_cumprod = 1.0 if set_alpha_to_one else float(self.alphas_cumprod[0])
@@ -39,27 +42,43 @@ class DDIMScheduler(Scheduler):
     def stochastic(self):
         return self.eta > 0
 
+    def _schedule(self, num_steps):
+        timesteps, _ = super()._schedule(num_steps)
+        # previous timestep t - Δ, Δ = num_train_timesteps // num_inference_steps (whatever the spacing)
+        prev = timesteps - self.num_train_timesteps // num_steps
+        a_t = self.alphas_cumprod[timesteps]
+        a_prev = np.where(
+            prev >= 0, self.alphas_cumprod[np.maximum(prev, 0)], np.float32(self.final_alpha_cumprod)
+        ).astype(np.float32)
+        return timesteps, {"alpha_bar": a_t, "alpha_bar_prev": a_prev}
+
+    def step_fn(self, model_output, i, sample, state=(), noise=None, tables=None):
+        a_t = self.table("alpha_bar", i, tables)
+        a_prev = self.table("alpha_bar_prev", i, tables)
+        return self._update(model_output, sample, a_t, a_prev, noise), state
+
     def step(self, model_output, t, sample, noise=None):
-        """x_t -> x_{t-1}. `noise` (standard normal, shape of sample) is used when eta > 0."""
-        model_output, sample = as_float(model_output), as_float(sample)
-        # 1. previous timestep t - Δ, Δ = num_train_timesteps // num_inference_steps
+        """x_t -> x_{t-1} for any timestep `t` (int or scalar tensor): stateless, so it also
+        works for timesteps off the schedule. `noise` (standard normal) is used when eta > 0."""
+        self._require_timesteps()
         prev_t = ops.cast(t, "int32") - self.num_train_timesteps // self.num_inference_steps
-        # 2. alpha_bar_t and alpha_bar_{t-Δ}
         a_t = self.alpha_bar(t)
         a_prev = ops.where(
             prev_t >= 0, self.alpha_bar(ops.maximum(prev_t, 0)), self.final_alpha_cumprod
         )
-        # 3. "predicted x_0" and the noise, from the model's parameterisation
+        return self._update(model_output, sample, a_t, a_prev, noise)
+
+    def _update(self, model_output, sample, a_t, a_prev, noise):
+        model_output, sample = as_float(model_output), as_float(sample)
+        # "predicted x_0" and the noise, from the model's parameterisation
         x0, eps = predicted_original_and_noise(self.prediction_type, model_output, sample, a_t)
-        # 4. sigma_t(eta) = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)  (eq. 16)
+        # sigma_t(eta) = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)  (eq. 16)
         variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
         sigma = self.eta * variance**0.5
-        # 5. "direction pointing to x_t": sqrt(1 - a_prev - sigma^2) * eps
+        # "direction pointing to x_t": sqrt(1 - a_prev - sigma^2) * eps
         direction = (1 - a_prev - sigma**2) ** 0.5 * eps
-        # 6. x_{t-1} = sqrt(a_prev) x0 + direction + sigma * z  (eq. 12)
+        # x_{t-1} = sqrt(a_prev) x0 + direction + sigma * z  (eq. 12)
         prev = a_prev**0.5 * x0 + direction
         if self.eta > 0:
-            if noise is None:
-                raise ValueError("DDIMScheduler.step with eta > 0 needs `noise`.")
-            prev = prev + sigma * as_float(noise)
+            prev = prev + sigma * self._need_noise(noise)
         return prev

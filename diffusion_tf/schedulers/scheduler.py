@@ -1,22 +1,63 @@
 """Scheduler: the interface every sampling algorithm implements.
 
 Close to diffusers' so users feel at home: `set_timesteps(num_steps)`,
-`timesteps`, `init_noise_sigma`, `scale_model_input(sample, t)`,
-`step(model_output, t, sample, ...)`, `add_noise(original, noise, t)`,
-`get_config()` / `from_config(config)`. `step` and `add_noise` are written with
-`keras.ops` on float32 tensors so they run eagerly and inside one XLA-compiled
-denoising loop; `t` may be a Python int or a scalar tensor.
+`timesteps`, `init_noise_sigma`, `scale_model_input`, `step(model_output, t,
+sample, ...)`, `add_noise(original, noise, t)`, `get_config()` / `from_config(config)`.
+
+Underneath is a functional core that runs inside one XLA-compiled denoising loop
+(`ops.fori_loop`), including the multistep and second-order algorithms:
+
+    timesteps = scheduler.set_timesteps(n)        # NumPy; also fills scheduler.tables
+    x = noise * scheduler.init_noise_sigma
+    state = scheduler.init_state(x)               # fixed-shape tuple of tensors
+    for i in range(len(timesteps)):               # or ops.fori_loop over (x, state)
+        out = model(scheduler.scale_model_input(x, i), scheduler.model_timestep(i))
+        x, state = scheduler.step_fn(out, i, x, state, noise=None)
+
+`i` is an index into `timesteps` (a tensor inside a loop). Everything that depends
+only on the configuration and the step count is precomputed in NumPy at
+`set_timesteps` into `tables` (name -> array with one row per index) and gathered
+with `ops.take`; the tensor code never branches in Python on tensor values. A
+compiled function whose step count can change between calls passes `tables` in as
+an argument (`tables=` of `step_fn`, `scale_model_input`, `model_timestep`) so they
+are not frozen into the graph as constants.
 """
 
 import inspect
 
+import numpy as np
 from keras import ops
 
 from diffusion_tf.schedulers import schedule
 
+# diffusers config fields whose non-default values would change the result and are not
+# implemented: `from_config` raises a ValueError for them. Every other field that is not
+# a parameter of the class (bookkeeping such as "_class_name", "_diffusers_version",
+# "skip_prk_steps", other algorithms' options) is ignored.
+UNSUPPORTED = {
+    "clip_sample": False,
+    "thresholding": False,
+    "rescale_betas_zero_snr": False,
+    "trained_betas": None,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "use_lu_lambdas": False,
+    "use_flow_sigmas": False,
+    "use_dynamic_shifting": False,
+    "timestep_type": "discrete",
+    "interpolation_type": "linear",
+    "sigma_min": None,
+    "sigma_max": None,
+}
+
 
 class Scheduler:
-    """Holds the training noise schedule; subclasses add the sampling rule."""
+    """Holds the training noise schedule; subclasses add the sampling rule.
+
+    Defaults are Stable Diffusion's (scaled_linear 0.00085..0.012, "leading" spacing,
+    steps_offset 1), not diffusers' per-class defaults: pass the model's scheduler
+    config to get the same schedule as diffusers with that config.
+    """
 
     name = None
 
@@ -30,8 +71,9 @@ class Scheduler:
         timestep_spacing="leading",
         steps_offset=1,
     ):
-        schedule._check("prediction_type", prediction_type, schedule.PREDICTION_TYPES)
+        schedule._check("prediction_type", prediction_type, self.prediction_types())
         schedule._check("timestep_spacing", timestep_spacing, schedule.TIMESTEP_SPACINGS)
+        schedule._check_positive_int("steps_offset", steps_offset, minimum=0)
         self.num_train_timesteps = num_train_timesteps
         self.beta_start = beta_start
         self.beta_end = beta_end
@@ -42,24 +84,116 @@ class Scheduler:
         self.betas = schedule.make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps)
         self.alphas_cumprod = schedule.alphas_cumprod(self.betas)
         self.timesteps = None
+        self.tables = {}
         self.num_inference_steps = None
+        self._begin_index = None
+        self._step_index = None
+        self._state = None
 
-    init_noise_sigma = 1.0
+    @classmethod
+    def prediction_types(cls):
+        return schedule.PREDICTION_TYPES
+
+    # ------------------------------------------------------------ schedule (NumPy)
+    def set_timesteps(self, num_steps):
+        """Computes `timesteps` (returned, NumPy) and the per-index `tables` for `num_steps` steps."""
+        schedule._check_positive_int("num_steps", num_steps)
+        timesteps, tables = self._schedule(int(num_steps))
+        self.num_inference_steps = int(num_steps)
+        self.timesteps = timesteps
+        tables = {k: np.asarray(v) for k, v in tables.items()}
+        tables["model_timesteps"] = np.asarray(timesteps, dtype=np.float32)
+        self.tables = tables
+        self._begin_index = None
+        self._step_index = None
+        self._state = None
+        return timesteps
+
+    def _schedule(self, num_steps):
+        """-> (timesteps, {name: per-index table}); subclasses add their tables."""
+        return (
+            schedule.spaced_timesteps(
+                num_steps, self.num_train_timesteps, self.timestep_spacing, self.steps_offset
+            ),
+            {},
+        )
+
+    def _require_timesteps(self):
+        if self.timesteps is None:
+            raise ValueError(f"{type(self).__name__}: call set_timesteps(num_steps) first.")
+
+    @property
+    def init_noise_sigma(self):
+        """Standard deviation of the starting noise."""
+        return 1.0
 
     @property
     def stochastic(self):
-        """Whether `step` needs fresh noise."""
+        """Whether `step_fn` needs fresh standard-normal `noise` at every step."""
         return False
 
-    def set_timesteps(self, num_steps):
-        self.num_inference_steps = num_steps
-        self.timesteps = schedule.spaced_timesteps(
-            num_steps, self.num_train_timesteps, self.timestep_spacing, self.steps_offset
-        )
-        return self.timesteps
+    def set_begin_index(self, begin_index=0):
+        """Index of the first step run (image-to-image starts part-way), as diffusers."""
+        self._begin_index = int(begin_index)
 
-    def scale_model_input(self, sample, t):
+    def index_for_timestep(self, t):
+        """Index of timestep value `t` in `timesteps` (the second one where it repeats, as diffusers)."""
+        self._require_timesteps()
+        hits = np.nonzero(self.timesteps == np.asarray(t).item())[0]
+        if not len(hits):
+            raise ValueError(f"timestep {t!r} is not one of this scheduler's timesteps.")
+        return int(hits[1] if len(hits) > 1 else hits[0])
+
+    # ------------------------------------------------------------ tensor core
+    def table(self, name, i, tables=None):
+        """Row `i` of the per-index table `name` (float32 tensor; `i` may be a tensor)."""
+        if tables is None:
+            self._require_timesteps()
+            tables = self.tables
+        table = tables[name]
+        if isinstance(i, (int, np.integer)) and isinstance(table, np.ndarray):
+            return ops.convert_to_tensor(table[i])  # eager fast path: the same value as the gather
+        return ops.take(ops.convert_to_tensor(table), ops.cast(i, "int32"), axis=0)
+
+    def model_timestep(self, i, tables=None):
+        """The timestep the denoising model gets at index `i`, float32 (fractional for Karras sigmas)."""
+        return self.table("model_timesteps", i, tables)
+
+    def init_state(self, sample):
+        """The algorithm's carried state before the first step: a tuple of tensors of fixed shape."""
+        return ()
+
+    def scale_model_input(self, sample, i, tables=None):
+        """The model's input at index `i` (identity except for the sigma schedulers)."""
         return sample
+
+    def step_fn(self, model_output, i, sample, state, noise=None, tables=None):
+        """x at index i -> (x at index i + 1, new state). `noise`: standard normal, for stochastic ones."""
+        raise NotImplementedError
+
+    def _need_noise(self, noise):
+        if noise is None:
+            raise ValueError(f"{type(self).__name__} is stochastic: step needs `noise` (standard normal).")
+        return as_float(noise)
+
+    # ------------------------------------------------------------ diffusers-like eager API
+    def step(self, model_output, t, sample, noise=None):
+        """One step from timestep `t` (a value of `timesteps`), keeping the step index and
+        state on the object like diffusers; returns the previous (less noisy) sample."""
+        self._require_timesteps()
+        sample = as_float(sample)
+        if self._step_index is None:
+            self._step_index = (
+                self._begin_index if self._begin_index is not None else self.index_for_timestep(t)
+            )
+            self._state = self.init_state(sample)
+        prev, self._state = self.step_fn(model_output, self._step_index, sample, self._state, noise)
+        self._step_index += 1
+        return prev
+
+    @property
+    def step_index(self):
+        return self._step_index
 
     def alpha_bar(self, t):
         """alpha_bar at integer timestep(s) `t` (tensor or int), float32."""
@@ -67,29 +201,128 @@ class Scheduler:
 
     def add_noise(self, original, noise, t):
         """Forward process q(x_t | x_0): sqrt(a_t) x0 + sqrt(1 - a_t) eps (DDPM eq. 4)."""
+        original, noise = as_float(original), as_float(noise)
         a = self.alpha_bar(t)
-        a = ops.reshape(a, (-1,) + (1,) * (len(original.shape) - 1)) if len(ops.shape(a)) else a
+        a = _per_sample(a, original)
         return a**0.5 * original + (1 - a) ** 0.5 * noise
 
-    def step(self, model_output, t, sample, noise=None):
-        raise NotImplementedError
-
+    # ------------------------------------------------------------ config
     def get_config(self):
         params = inspect.signature(type(self).__init__).parameters
         return {k: getattr(self, k) for k in params if k != "self"}
 
     @classmethod
     def from_config(cls, config, **overrides):
+        """Built from a diffusers-style config: its own fields are used, bookkeeping and
+        other algorithms' fields ignored; an unsupported feature switched on is a ValueError."""
         params = inspect.signature(cls.__init__).parameters
-        kwargs = {k: v for k, v in dict(config).items() if k in params}
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        config = dict(config)
+        config.update(overrides)
+        for key, default in UNSUPPORTED.items():
+            if key in config and key not in params and config[key] != default:
+                if key == "clip_sample" and config[key] is None:
+                    continue
+                raise ValueError(
+                    f"{key}={config[key]!r} is not supported by {cls.__name__} "
+                    f"(only {default!r})."
+                )
+        variance_type = config.get("variance_type")
+        if variance_type in ("learned", "learned_range") and "variance_type" not in params:
+            raise ValueError(f"variance_type={variance_type!r} is not supported.")
+        return cls(**{k: v for k, v in config.items() if k in params})
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
         return f"{type(self).__name__}({args})"
 
 
+class SigmaScheduler(Scheduler):
+    """Base of the algorithms of Karras et al. (2022) that work on x / sqrt(alpha_bar) with noise
+    level sigma (Euler, Euler ancestral, Heun, LMS): timesteps as float32, the model input
+    scaled by 1 / sqrt(sigma^2 + 1), the start noise by sigma_max."""
+
+    karras = False  # whether the algorithm offers use_karras_sigmas
+
+    def __init__(self, *args, use_karras_sigmas=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        if use_karras_sigmas and not self.karras:
+            raise ValueError(f"use_karras_sigmas=True is not offered by {type(self).__name__}.")
+        self.use_karras_sigmas = bool(use_karras_sigmas)
+        if self.use_karras_sigmas:
+            self.name = f"{type(self).name}-karras"
+        self.train_sigmas = schedule.train_sigmas(self.alphas_cumprod)
+
+    def _sigma_schedule(self, num_steps, final_sigmas_type="zero"):
+        """(timesteps float32, sigmas float32 with the final sigma appended), as diffusers."""
+        timesteps = schedule.spaced_timesteps(
+            num_steps, self.num_train_timesteps, self.timestep_spacing, self.steps_offset,
+            exact_linspace=True,
+        )
+        sigmas = np.interp(timesteps, np.arange(len(self.train_sigmas)), self.train_sigmas)
+        if self.use_karras_sigmas:
+            sigmas = schedule.karras_sigmas(sigmas[-1], sigmas[0], num_steps)
+            timesteps = schedule.sigma_to_t(sigmas, np.log(self.train_sigmas))
+        last = schedule.final_sigma(final_sigmas_type, self.alphas_cumprod)
+        sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
+        return timesteps.astype(np.float32), sigmas
+
+    def _sigma_max(self):
+        sigmas = self.tables.get("sigma") if self.tables else None
+        return np.float32(np.max(sigmas) if sigmas is not None else np.max(self.train_sigmas))
+
+    @property
+    def init_noise_sigma(self):
+        """sigma_max, or sqrt(sigma_max^2 + 1) for "leading" spacing (as diffusers)."""
+        s = self._sigma_max()
+        if self.timestep_spacing in ("linspace", "trailing"):
+            return float(s)
+        return float(np.sqrt(s * s + np.float32(1)))
+
+    @staticmethod
+    def _input_tables(sigma):
+        """Per-index constants of scale_model_input and of x0 for v-prediction, float32."""
+        sigma = np.asarray(sigma, dtype=np.float32)
+        s2p1 = sigma * sigma + np.float32(1)
+        return {
+            "sigma": sigma,
+            "input_scale": np.sqrt(s2p1),  # model input = x / sqrt(sigma^2 + 1)
+            "v_out": -sigma / np.sqrt(s2p1),  # x0 = v * (-sigma / sqrt(s^2+1)) + x / (s^2+1)
+            "v_skip": s2p1,
+        }
+
+    def scale_model_input(self, sample, i, tables=None):
+        return as_float(sample) / self.table("input_scale", i, tables)
+
+    def _x0(self, model_output, sample, i, tables):
+        """The denoised estimate at index i from the model output (diffusers' arithmetic order)."""
+        if self.prediction_type == "epsilon":
+            return sample - self.table("sigma", i, tables) * model_output
+        if self.prediction_type == "v_prediction":
+            return model_output * self.table("v_out", i, tables) + sample / self.table("v_skip", i, tables)
+        return model_output
+
+    def add_noise(self, original, noise, t):
+        """x0 + sigma(t) * noise, sigma at the index of timestep `t` (or the begin index)."""
+        original, noise = as_float(original), as_float(noise)
+        sigma = ops.take(ops.convert_to_tensor(self.tables["sigma"]), self._noise_index(t))
+        return original + noise * _per_sample(sigma, original)
+
+    def _noise_index(self, t):
+        self._require_timesteps()
+        if self._begin_index is not None:
+            return ops.convert_to_tensor(self._begin_index, "int32")
+        t = ops.cast(ops.convert_to_tensor(t), "float32")
+        ts = ops.convert_to_tensor(self.tables["model_timesteps"])
+        hits = ops.equal(ops.expand_dims(t, -1), ts)
+        return ops.cast(ops.argmax(ops.cast(hits, "int32"), axis=-1), "int32")
+
+
 def as_float(x):
     return ops.cast(ops.convert_to_tensor(x), "float32")
 
+
+def _per_sample(value, like):
+    """A scalar stays a scalar; a [B] vector is shaped [B, 1, 1, ...] to broadcast over `like`."""
+    if len(ops.shape(value)):
+        return ops.reshape(value, (-1,) + (1,) * (len(like.shape) - 1))
+    return value

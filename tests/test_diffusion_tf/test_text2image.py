@@ -167,3 +167,41 @@ def test_unknown_model_and_missing_weights(folder, tmp_path):
     with pytest.raises(ValueError, match="corrupt or for another model") as e:
         Text2Image(model=str(broken))
     assert "unet.weights.h5" in str(e.value)
+
+
+def test_generate_with_other_schedulers_in_one_xla_function(jit_pipe):
+    """`scheduler=` overrides the constructor's choice for one call; each is compiled once."""
+    import warnings
+
+    images = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for name in ("dpm++2m-karras", "euler_a", "heun"):
+            images[name] = jit_pipe.generate("a cat", num_steps=4, seed=5, scheduler=name)
+            again = jit_pipe.generate("a cat", num_steps=4, seed=5, scheduler=name)
+            np.testing.assert_array_equal(images[name], again)
+            fn = jit_pipe._generate_fn(True, jit_pipe.get_scheduler(name))
+            assert fn.experimental_get_tracing_count() == 1
+    # to_uint8 warns about NaN or Inf in the decoded images
+    assert not [w for w in caught if "NaN" in str(w.message)]
+    images["ddim"] = jit_pipe.generate("a cat", num_steps=4, seed=5)
+    assert jit_pipe.scheduler.name == "ddim"
+    names = sorted(images)
+    for i, a in enumerate(names):
+        assert images[a].shape == (1, 64, 64, 3)
+        for b in names[i + 1:]:
+            assert not np.array_equal(images[a], images[b]), (a, b)
+    other_seed = jit_pipe.generate("a cat", num_steps=4, seed=6, scheduler="euler_a")
+    assert not np.array_equal(other_seed, images["euler_a"])
+
+
+def test_scheduler_override_on_the_callback_path(pipe):
+    seen = []
+    stepped = pipe.generate("a cat", num_steps=3, seed=7, scheduler="heun", callback=lambda *a: seen.append(a))
+    fused = pipe.generate("a cat", num_steps=3, seed=7, scheduler="heun")
+    heun = pipe.get_scheduler("heun")
+    assert [s[2] for s in seen] == list(heun.timesteps) and len(seen) == 5 and seen[0][1] == 5
+    assert np.abs(stepped.astype(int) - fused.astype(int)).max() <= 1
+    with pytest.raises(ValueError) as e:
+        pipe.generate("a cat", num_steps=2, scheduler="k_lms")
+    assert "scheduler='k_lms'" in str(e.value) and "dpm++2m-karras" in str(e.value)

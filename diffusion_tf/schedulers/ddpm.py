@@ -1,0 +1,85 @@
+"""DDPM: Ho et al., "Denoising Diffusion Probabilistic Models" (2020), ancestral sampling.
+
+With fewer inference steps than training steps the "previous" timestep is the next
+one of the schedule and beta is the effective one between them (as diffusers).
+"""
+
+import numpy as np
+
+from diffusion_tf.schedulers.scheduler import Scheduler, as_float
+
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
+
+
+class DDPMScheduler(Scheduler):
+    """Stochastic: every step adds `sqrt(variance) * noise` (none at t = 0).
+
+    variance_type: "fixed_small" (posterior variance, eq. 7: beta~_t), "fixed_small_log"
+    (the same through exp(log)), "fixed_large" (beta_t).
+    """
+
+    name = "ddpm"
+
+    def __init__(
+        self,
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        timestep_spacing="leading",
+        steps_offset=1,
+        variance_type="fixed_small",
+    ):
+        super().__init__(
+            num_train_timesteps, beta_start, beta_end, beta_schedule,
+            prediction_type, timestep_spacing, steps_offset,
+        )
+        if variance_type not in VARIANCE_TYPES:
+            raise ValueError(
+                f"variance_type={variance_type!r}; allowed: {', '.join(map(repr, VARIANCE_TYPES))}."
+            )
+        self.variance_type = variance_type
+
+    @property
+    def stochastic(self):
+        return True
+
+    def _schedule(self, num_steps):
+        timesteps, _ = super()._schedule(num_steps)
+        one = np.float32(1)
+        a_t = self.alphas_cumprod[timesteps]
+        # the previous timestep is the next one of the schedule; after the last: alpha_bar = 1
+        a_prev = np.concatenate([self.alphas_cumprod[timesteps[1:]], [one]]).astype(np.float32)
+        beta_prod_t = one - a_t
+        beta_prod_prev = one - a_prev
+        current_alpha = a_t / a_prev
+        current_beta = one - current_alpha
+        # eq. (7): mu~ = sqrt(a_prev) beta_t / (1 - a_t) x0 + sqrt(alpha_t) (1 - a_prev) / (1 - a_t) x_t
+        x0_coeff = np.sqrt(a_prev) * current_beta / beta_prod_t
+        sample_coeff = np.sqrt(current_alpha) * beta_prod_prev / beta_prod_t
+        variance = np.maximum(beta_prod_prev / beta_prod_t * current_beta, np.float32(1e-20))
+        if self.variance_type == "fixed_small":
+            std = np.sqrt(variance)
+        elif self.variance_type == "fixed_small_log":
+            std = np.exp(np.float32(0.5) * np.log(variance))
+        else:
+            std = np.sqrt(current_beta)
+        std = np.where(timesteps > 0, std, np.float32(0)).astype(np.float32)
+        return timesteps, {
+            "sqrt_alpha_bar": np.sqrt(a_t), "sqrt_one_minus_alpha_bar": np.sqrt(beta_prod_t),
+            "x0_coeff": x0_coeff, "sample_coeff": sample_coeff, "std": std,
+        }
+
+    def step_fn(self, model_output, i, sample, state=(), noise=None, tables=None):
+        model_output, sample = as_float(model_output), as_float(sample)
+        sqrt_a = self.table("sqrt_alpha_bar", i, tables)
+        sqrt_1ma = self.table("sqrt_one_minus_alpha_bar", i, tables)
+        if self.prediction_type == "epsilon":
+            x0 = (sample - sqrt_1ma * model_output) / sqrt_a
+        elif self.prediction_type == "v_prediction":
+            x0 = sqrt_a * sample - sqrt_1ma * model_output
+        else:
+            x0 = model_output
+        prev = self.table("x0_coeff", i, tables) * x0 + self.table("sample_coeff", i, tables) * sample
+        return prev + self.table("std", i, tables) * self._need_noise(noise), state

@@ -1,0 +1,46 @@
+"""Euler: Karras et al., "Elucidating the Design Space of Diffusion-Based Generative Models"
+(2022), Algorithm 2 without churn: dx/dsigma = (x - D(x; sigma)) / sigma, one Euler step."""
+
+from diffusion_tf.schedulers import schedule
+from diffusion_tf.schedulers.scheduler import SigmaScheduler, as_float
+
+
+class EulerDiscreteScheduler(SigmaScheduler):
+    """Deterministic first-order sampler on the sigma schedule (optionally Karras sigmas).
+
+    `final_sigmas_type`: the noise level after the last step, "zero" or "sigma_min".
+    """
+
+    name = "euler"
+    karras = True
+
+    def __init__(
+        self,
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        timestep_spacing="leading",
+        steps_offset=1,
+        use_karras_sigmas=False,
+        final_sigmas_type="zero",
+    ):
+        super().__init__(
+            num_train_timesteps, beta_start, beta_end, beta_schedule,
+            prediction_type, timestep_spacing, steps_offset, use_karras_sigmas=use_karras_sigmas,
+        )
+        schedule._check("final_sigmas_type", final_sigmas_type, schedule.FINAL_SIGMAS_TYPES)
+        self.final_sigmas_type = final_sigmas_type
+
+    def _schedule(self, num_steps):
+        timesteps, sigmas = self._sigma_schedule(num_steps, self.final_sigmas_type)
+        tables = self._input_tables(sigmas[:-1])
+        tables["dt"] = sigmas[1:] - sigmas[:-1]  # sigma_{i+1} - sigma_i
+        return timesteps, tables
+
+    def step_fn(self, model_output, i, sample, state=(), noise=None, tables=None):
+        model_output, sample = as_float(model_output), as_float(sample)
+        x0 = self._x0(model_output, sample, i, tables)
+        derivative = (sample - x0) / self.table("sigma", i, tables)
+        return sample + derivative * self.table("dt", i, tables), state

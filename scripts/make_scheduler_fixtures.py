@@ -1,0 +1,193 @@
+"""Write the schedulers' reference trajectories (needs torch and diffusers).
+
+    pip install torch==2.13.0 diffusers==0.42.1
+    python scripts/make_scheduler_fixtures.py
+
+For every scheduler of diffusion_tf.schedulers (each Karras variant too), two or three
+configurations (Stable Diffusion's, plus others with other beta schedules, spacings and
+v-prediction) and 20 and 50 steps, it runs diffusers' same-named scheduler the way its
+pipelines do (latents * init_noise_sigma; per timestep: scale_model_input, the model,
+step) with a fixed deterministic toy denoiser (`toy_model`, written identically with
+keras.ops in the tests) from fixed starting latents, and records into
+tests/fixtures/schedulers.npz:
+
+    latents                  the starting latents [1, 8, 8, 4] (NHWC; diffusers sees NCHW)
+    noise/<steps>            [steps, 1, 8, 8, 4]: the standard-normal draws of the stochastic
+                             schedulers, one per step
+    <case>/<steps>/timesteps diffusers' `timesteps` after set_timesteps(steps)
+    <case>/<steps>/final     the final sample (NHWC)
+
+and the cases into tests/fixtures/schedulers.json: {case: {"name": get() name, "diffusers":
+class, "config": fields for both, "step_kwargs": extra diffusers step() arguments,
+"stochastic": bool}}.
+
+The stochastic schedulers (DDPM, Euler ancestral, DDIM with eta=1) are matched on the
+SAME noise: `randn_tensor` of their diffusers modules is replaced by one returning
+noise/<steps>[k] at step k, and diffusion_tf's `step_fn` gets the same array as `noise=`.
+(DDPM draws nothing at t = 0: its last step under "linspace" spacing then ignores
+noise[k], in both.)
+"""
+
+import json
+import os
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+OUT_NPZ = os.path.join(ROOT, "tests", "fixtures", "schedulers.npz")
+OUT_JSON = os.path.join(ROOT, "tests", "fixtures", "schedulers.json")
+
+import diffusers  # noqa: E402
+from diffusers.schedulers import (  # noqa: E402
+    scheduling_ddim,
+    scheduling_ddpm,
+    scheduling_euler_ancestral_discrete,
+)
+
+STEPS = (20, 50)
+SHAPE_NCHW = (1, 4, 8, 8)
+
+CONFIGS = {
+    # Stable Diffusion 1.x/2.x-base
+    "sd": dict(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon", timestep_spacing="leading", steps_offset=1,
+    ),
+    # DDPM's linear betas, "trailing" spacing (Lin et al. 2023), v-prediction
+    "linear_trailing_v": dict(
+        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+        prediction_type="v_prediction", timestep_spacing="trailing", steps_offset=0,
+    ),
+    # SD 2.x's scaled_linear betas, "linspace" spacing, v-prediction
+    "linspace_v": dict(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="v_prediction", timestep_spacing="linspace", steps_offset=0,
+    ),
+}
+
+# case name -> (diffusers class, extra config fields, diffusers step() kwargs, stochastic);
+# diffusion_tf gets the same config fields (+ eta for DDIM's eta, a step() argument in diffusers).
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", dict(set_alpha_to_one=False, clip_sample=False), {}, False),
+    "ddim-eta1": ("DDIMScheduler", dict(set_alpha_to_one=False, clip_sample=False), {"eta": 1.0}, True),
+    "ddpm": ("DDPMScheduler", dict(clip_sample=False), {}, True),
+    "pndm": ("PNDMScheduler", dict(set_alpha_to_one=False, skip_prk_steps=True), {}, False),
+    "euler": ("EulerDiscreteScheduler", {}, {}, False),
+    "euler-karras": ("EulerDiscreteScheduler", dict(use_karras_sigmas=True), {}, False),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}, {}, True),
+    "heun": ("HeunDiscreteScheduler", {}, {}, False),
+    "heun-karras": ("HeunDiscreteScheduler", dict(use_karras_sigmas=True), {}, False),
+    "lms": ("LMSDiscreteScheduler", {}, {}, False),
+    "lms-karras": ("LMSDiscreteScheduler", dict(use_karras_sigmas=True), {}, False),
+    "dpm++2m": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2), {}, False),
+    "dpm++2m-karras": (
+        "DPMSolverMultistepScheduler",
+        dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True), {}, False,
+    ),
+}
+
+
+def toy_model(x, t):
+    """out(x, t) = sqrt(t / 1000) x + 0.2 tanh(0.5 x) (0.3 + t / 1000) + 0.1 sin(x), float32.
+
+    `t` is the float32 timestep. Roughly a denoiser of unit-variance data (eps ~ sqrt(1 - alpha_bar) x)
+    plus non-linear terms, so the trajectories stay O(1) for epsilon and v prediction alike.
+    """
+    t = t.to(torch.float32)
+    return torch.sqrt(t / 1000) * x + 0.2 * torch.tanh(0.5 * x) * (0.3 + t / 1000) + 0.1 * torch.sin(x)
+
+
+def starting_latents(seed=0):
+    return np.random.default_rng(seed).standard_normal(SHAPE_NCHW).astype(np.float32).transpose(0, 2, 3, 1)
+
+
+def step_noise(steps, seed=1):
+    """[steps, 1, 8, 8, 4] standard normal (NHWC)."""
+    rng = np.random.default_rng(seed + 1000 * steps)
+    return rng.standard_normal((steps,) + SHAPE_NCHW).astype(np.float32).transpose(0, 1, 3, 4, 2)
+
+
+class _Noise:
+    """Stands in for diffusers' randn_tensor: returns the stored draw of the current step."""
+
+    def __init__(self, noise_nhwc):
+        self.noise = noise_nhwc
+        self.k = 0
+
+    def __call__(self, shape, generator=None, device=None, dtype=None, **kwargs):
+        n = torch.from_numpy(np.ascontiguousarray(self.noise[self.k].transpose(0, 3, 1, 2)))
+        assert tuple(n.shape) == tuple(shape), (n.shape, shape)
+        return n.to(dtype or torch.float32)
+
+
+def run_diffusers(name, config, steps, latents_nhwc, noise_nhwc=None):
+    """diffusers' scheduler loop as in its pipelines -> (timesteps, final sample NHWC)."""
+    cls_name, extra, step_kwargs, _ = SCHEDULERS[name]
+    cls = getattr(diffusers, cls_name)
+    sched = cls.from_config(dict(config, **extra))
+    sched.set_timesteps(steps)
+    patched = _Noise(noise_nhwc) if noise_nhwc is not None else None
+    saved = {}
+    modules = (scheduling_ddim, scheduling_ddpm, scheduling_euler_ancestral_discrete)
+    if patched is not None:
+        for m in modules:
+            saved[m] = m.randn_tensor
+            m.randn_tensor = patched
+    try:
+        x = torch.from_numpy(np.ascontiguousarray(latents_nhwc.transpose(0, 3, 1, 2)))
+        x = x * sched.init_noise_sigma
+        for k, t in enumerate(sched.timesteps):
+            if patched is not None:
+                patched.k = k
+            x_in = sched.scale_model_input(x, t)
+            out = toy_model(x_in, t)
+            x = sched.step(out, t, x, **step_kwargs).prev_sample
+    finally:
+        for m, fn in saved.items():
+            m.randn_tensor = fn
+    return sched.timesteps.numpy(), x.numpy().transpose(0, 2, 3, 1)
+
+
+def our_config(name, config):
+    """The config for diffusion_tf.schedulers.get(name, ...): the same fields (+ eta)."""
+    _, extra, step_kwargs, _ = SCHEDULERS[name]
+    return dict(config, **extra, **step_kwargs)
+
+
+def get_name(name):
+    return "ddim" if name == "ddim-eta1" else name
+
+
+def main():
+    latents = starting_latents()
+    arrays = {"latents": latents}
+    for steps in STEPS:
+        arrays[f"noise/{steps}"] = step_noise(steps)
+    cases = {}
+    for name, (cls_name, _, step_kwargs, stochastic) in SCHEDULERS.items():
+        for cfg_name, config in CONFIGS.items():
+            case = f"{name}/{cfg_name}"
+            cases[case] = {
+                "name": get_name(name), "diffusers": cls_name, "config": our_config(name, config),
+                "step_kwargs": step_kwargs,
+                "stochastic": stochastic,
+            }
+            for steps in STEPS:
+                noise = arrays[f"noise/{steps}"] if stochastic else None
+                timesteps, final = run_diffusers(name, config, steps, latents, noise)
+                arrays[f"{case}/{steps}/timesteps"] = timesteps
+                arrays[f"{case}/{steps}/final"] = final.astype(np.float32)
+                print(f"{case:34s} {steps:3d} steps: {len(timesteps):3d} timesteps, "
+                      f"|final| max {np.abs(final).max():.3f}")
+    np.savez_compressed(OUT_NPZ, **arrays)
+    with open(OUT_JSON, "w", encoding="utf-8") as f:
+        json.dump({"diffusers_version": diffusers.__version__, "steps": list(STEPS), "cases": cases},
+                  f, indent=1, sort_keys=True)
+        f.write("\n")
+    print(f"wrote {OUT_NPZ} ({os.path.getsize(OUT_NPZ) / 1e3:.0f} kB) and {OUT_JSON}")
+
+
+if __name__ == "__main__":
+    main()
