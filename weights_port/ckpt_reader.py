@@ -16,25 +16,102 @@ Layout read (as written by ``torch.save`` since PyTorch 1.6)::
 Tensors come back as contiguous numpy arrays in native byte order (copies;
 nothing refers to the file afterwards).  bfloat16 becomes float32.
 Uncompressed (stored) storages are read through one read-only memory map of
-the file, compressed ones with ``ZipFile.read``; each storage once.
-CRCs of memory-mapped entries are not verified.
+the file, deflated ones with ``ZipFile.open``; each storage once.  Other
+compression methods are refused.  CRCs of memory-mapped entries are not
+verified (data.pkl, byteorder and deflated entries are read whole, CRC checked).
+
+Hostile files are refused before they cost much: data.pkl is at most
+MAX_PICKLE_BYTES and is unpickled by the pure-Python unpickler, so every
+opcode goes through code that bounds the work (no pre-allocation from a
+declared length; dict keys and set items may cost at most a budget of hashing
+work, so a few hundred bytes of memo references cannot make a key that takes
+forever to hash; memo indices < 2**32); sizes, strides and offsets are int64
+and at most 32 dimensions; a tensor must lie inside its storage (stride-0
+broadcasts may add up to 2**24 elements each); all tensors together may not
+exceed 4x the storage bytes plus 128 MiB; deflated entries may not claim more
+than deflate can produce; error messages quote values through a bounded repr.
 """
 from __future__ import annotations
 
 import collections
+import io
 import math
 import os
 import pickle
 import struct
+import threading
 import zipfile
+import zlib
 
 import numpy as np
 
 from .errors import CheckpointError
 
-__all__ = ["ALLOWED_GLOBALS", "read_ckpt", "load_ckpt"]
+__all__ = ["ALLOWED_GLOBALS", "MAX_PICKLE_BYTES", "read_ckpt", "load_ckpt"]
 
-_MAX_BROADCAST_ELEMENTS = 1 << 28  # stride-0 tensors may address more than their storage, up to this
+MAX_PICKLE_BYTES = 100 * 1024 * 1024  # data.pkl (uncompressed); real ones are a few MB at most
+_MAX_BROADCAST_ELEMENTS = 1 << 24     # stride-0 tensors may address more than their storage, up to this
+_EXTRA_OUTPUT_BYTES = 1 << 27         # all tensors together: <= 4 x storage bytes + this
+_MAX_NDIM = 32                        # numpy 1.x limit; real checkpoints have <= 5
+_INT64 = 1 << 63
+_HASH_BUDGET = 1 << 18                # tuple elements hashed as dict keys/set items, in all
+_MAX_COLLIDABLE_KEYS = 4096           # keys whose hash an attacker can choose (floats, huge ints, -1/-2)
+_MAX_NESTING = 100                    # load_ckpt: containers nested deeper are refused
+_DEFLATE_MAX_RATIO = 1100             # deflate cannot expand more than ~1032:1
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, RuntimeError, NotImplementedError, OSError,
+               EOFError, ValueError, zlib.error, struct.error, OverflowError)
+
+
+def _clip(text, limit=200):
+    """An exception's message, cut to ``limit`` characters."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _short(x, limit=160):
+    """repr(x) cut to about ``limit`` characters; never walks much of x (DAGs, cycles, huge ints)."""
+    out, left = [], [limit]
+
+    def put(s):
+        out.append(s)
+        left[0] -= len(s)
+
+    def walk(x, depth):
+        if left[0] <= 0:
+            return put("...")
+        if isinstance(x, bool) or x is None:
+            return put(repr(x))
+        if isinstance(x, int):
+            return put(repr(x) if x.bit_length() <= 256 else f"<{x.bit_length()}-bit int>")
+        if isinstance(x, (str, bytes, bytearray)):
+            return put(repr(x[:limit]) + ("..." if len(x) > limit else ""))
+        if isinstance(x, (tuple, list, set, frozenset, dict)):
+            opening, closing = "()" if isinstance(x, tuple) else "[]" if isinstance(x, list) else "{}"
+            put(opening)
+            if depth >= 4 and len(x):
+                put("...")
+            else:
+                for i, item in enumerate(x.items() if isinstance(x, dict) else x):
+                    if i:
+                        put(", ")
+                    if left[0] <= 0 or i >= 16:
+                        put("...")
+                        break
+                    if isinstance(x, dict):
+                        walk(item[0], depth + 1)
+                        put(": ")
+                        walk(item[1], depth + 1)
+                    else:
+                        walk(item, depth + 1)
+            if isinstance(x, tuple) and len(x) == 1:
+                put(",")
+            return put(closing)
+        try:
+            return put(repr(x)[:limit])
+        except Exception:  # noqa: BLE001 -- only ever used to build an error message
+            return put(f"<{type(x).__name__}>")
+
+    walk(x, 0)
+    return "".join(out)
 
 
 class _Refused(Exception):
@@ -86,8 +163,8 @@ class _Inert:
     def __init__(self, qualname):
         self.qualname = qualname
 
-    def __call__(self, *args):
-        return _Inert(self.qualname + "()")
+    def __call__(self, *args):  # X() and X()() are the same placeholder: names stay short
+        return self if self.qualname.endswith("()") else _Inert(self.qualname + "()")
 
     def __setstate__(self, state):  # discard whatever state the real object had
         pass
@@ -142,16 +219,19 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored):
     """torch._utils._rebuild_tensor(_v2)(storage, offset, size, stride, requires_grad, hooks, [metadata])."""
     if not isinstance(storage, _StorageRef):
         raise _Refused(f"tensor rebuild expects a storage, got {type(storage).__name__}")
-    if not _is_int(storage_offset) or storage_offset < 0:
-        raise _Refused(f"tensor on storage {storage.key!r}: storage_offset {storage_offset!r} "
-                       "must be a non-negative int")
+    if not _is_int(storage_offset) or not 0 <= storage_offset < _INT64:
+        raise _Refused(f"tensor on storage {_short(storage.key)}: storage_offset {_short(storage_offset)} "
+                       "must be a non-negative int64")
     for what, seq in (("size", size), ("stride", stride)):
-        if not isinstance(seq, (tuple, list)) or not all(_is_int(v) and v >= 0 for v in seq):
-            raise _Refused(f"tensor on storage {storage.key!r}: {what} {seq!r} "
-                           "must be a tuple of non-negative ints")
+        if not isinstance(seq, (tuple, list)) or not all(_is_int(v) and 0 <= v < _INT64 for v in seq):
+            raise _Refused(f"tensor on storage {_short(storage.key)}: {what} {_short(seq)} "
+                           "must be a tuple of non-negative int64s")
     if len(size) != len(stride):
-        raise _Refused(f"tensor on storage {storage.key!r}: size {tuple(size)} and stride "
-                       f"{tuple(stride)} have different lengths")
+        raise _Refused(f"tensor on storage {_short(storage.key)}: size {_short(tuple(size))} and stride "
+                       f"{_short(tuple(stride))} have different lengths")
+    if len(size) > _MAX_NDIM:
+        raise _Refused(f"tensor on storage {_short(storage.key)} has {len(size)} dimensions; "
+                       f"at most {_MAX_NDIM} are supported")
     return _TensorRef(storage, storage_offset, tuple(size), tuple(stride))
 
 
@@ -171,25 +251,25 @@ class _DType:
 
     def __init__(self, name, align=False, copy=False):
         if not isinstance(name, str) or name not in _NP_SCALAR_DTYPES:
-            raise _Refused(f"numpy.dtype({name!r}) is not allowed: only {sorted(_NP_SCALAR_DTYPES)}")
+            raise _Refused(f"numpy.dtype({_short(name)}) is not allowed: only {sorted(_NP_SCALAR_DTYPES)}")
         self.dtype = np.dtype(name)
 
     def __setstate__(self, state):
         if not isinstance(state, tuple) or len(state) < 2 or state[1] not in ("<", ">", "|", "="):
-            raise _Refused(f"unexpected numpy.dtype state {state!r}")
+            raise _Refused(f"unexpected numpy.dtype state {_short(state)}")
         self.dtype = self.dtype.newbyteorder(state[1])
 
 
 def _np_scalar(dtype, data=None):
     if not isinstance(dtype, _DType) or not isinstance(data, bytes) or len(data) != dtype.dtype.itemsize:
         raise _Refused(f"numpy scalar needs an allowed dtype and exactly its itemsize of bytes, "
-                       f"got {dtype!r}, {data!r}")
+                       f"got {_short(dtype)}, {_short(data)}")
     return np.frombuffer(data, dtype.dtype)[0]
 
 
 def _codecs_encode(text, encoding="utf-8"):
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise _Refused(f"_codecs.encode only allowed as (str, 'latin1'), got encoding {encoding!r}")
+        raise _Refused(f"_codecs.encode only allowed as (str, 'latin1'), got encoding {_short(encoding)}")
     return text.encode("latin1")
 
 
@@ -197,8 +277,54 @@ def _make_set(kind):
     def make(items=()):
         if not isinstance(items, (list, tuple)):
             raise _Refused(f"{kind.__name__}() expects a list, got {type(items).__name__}")
+        _charge_hashing(items)
         return kind(items)
     return make
+
+
+def _ordered_dict(*args):
+    """collections.OrderedDict(): pickle calls it without arguments, then SETITEMS."""
+    if args:
+        if len(args) > 1 or not isinstance(args[0], (list, tuple, dict)):
+            raise _Refused(f"collections.OrderedDict{_short(args)}: expected no arguments or one list of pairs")
+        _charge_hashing(args[0].keys() if isinstance(args[0], dict) else
+                        [p[0] if isinstance(p, tuple) and len(p) == 2 else p for p in args[0]])
+    return _SafeOrderedDict(*args)
+
+
+# ----------------------------------------------------------------------------- hashing budget
+_active = threading.local()  # .unpickler: the _RestrictedUnpickler running in this thread
+
+
+def _hash_cost(x, limit):
+    """(tuple nodes that hashing x visits, attacker-collidable atoms in x); counting stops past limit.
+
+    Only tuples are walked: frozensets cache their hash, everything else that can come out
+    of data.pkl hashes in O(1) or is unhashable.  Collidable: floats, ints outside
+    (-2**61, 2**61) and -1/-2 (hash(-1) == hash(-2)), numpy scalars -- many keys sharing one
+    hash make a dict quadratic.
+    """
+    nodes = collidable = 0
+    todo = [x]
+    while todo:
+        y = todo.pop()
+        t = type(y)
+        if t is tuple:
+            nodes += 1 + len(y)
+            if nodes > limit:
+                break
+            todo.extend(y)
+        elif t is float or isinstance(y, np.generic) and not isinstance(y, np.bool_):
+            collidable += 1
+        elif t is int and (y in (-1, -2) or not -(1 << 61) < y < (1 << 61)):
+            collidable += 1
+    return nodes, collidable
+
+
+def _charge_hashing(keys):
+    unpickler = getattr(_active, "unpickler", None)
+    if unpickler is not None:
+        unpickler.charge(keys)
 
 
 _STORAGES = {
@@ -209,7 +335,7 @@ _STORAGES = {
 
 
 def _build_allowed():
-    allowed = {"collections.OrderedDict": _Global("collections.OrderedDict", _SafeOrderedDict)}
+    allowed = {"collections.OrderedDict": _Global("collections.OrderedDict", _ordered_dict)}
     for name in ("_rebuild_tensor", "_rebuild_tensor_v2"):
         allowed[f"torch._utils.{name}"] = _Global(f"torch._utils.{name}", _rebuild_tensor)
     for name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
@@ -232,24 +358,98 @@ def _build_allowed():
 ALLOWED_GLOBALS = _build_allowed()
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file, ckpt):
-        super().__init__(file)
+_PyUnpickler = pickle._Unpickler  # the pure-Python unpickler: every opcode runs code we can check
+
+
+class _RestrictedUnpickler(_PyUnpickler):
+    """Unpickles data.pkl (bytes) with our stand-ins; bounds the work hashing keys costs."""
+
+    dispatch = dict(_PyUnpickler.dispatch)
+
+    def __init__(self, data, ckpt):
+        self._bytes = io.BytesIO(data)
+        super().__init__(self._bytes)
         self._ckpt = ckpt
+        self._hash_left = _HASH_BUDGET
+        self._collidable_left = _MAX_COLLIDABLE_KEYS
+
+    @property
+    def position(self):
+        return self._bytes.tell()
+
+    def load(self):
+        _active.unpickler = self
+        try:
+            return super().load()
+        finally:
+            _active.unpickler = None
 
     def find_class(self, module, name):
         qualname = f"{module}.{name}"
         try:
             return ALLOWED_GLOBALS[qualname]
-        except KeyError:
+        except (KeyError, TypeError):
             raise _Refused(
-                f"refusing global {qualname!r} in data.pkl: only tensor-rebuilding and inert globals "
+                f"refusing global {_short(qualname)} in data.pkl: only tensor-rebuilding and inert globals "
                 "are allowed (torch._utils._rebuild_tensor_v2, torch.*Storage, collections.OrderedDict, "
                 "...; full list in weights_port.ckpt_reader.ALLOWED_GLOBALS). Nothing was executed; "
                 "do not load this file with torch.load unless you trust it") from None
 
     def persistent_load(self, pid):
         return self._ckpt.storage_ref(pid)
+
+    # -- everything that hashes keys/items checks the cost first
+    def charge(self, keys):
+        for k in keys:
+            t = type(k)
+            if t is str or t is bytes or t is bool or k is None:
+                continue
+            if t is int:
+                nodes, collidable = 0, k in (-1, -2) or not -(1 << 61) < k < (1 << 61)
+            else:
+                nodes, collidable = _hash_cost(k, self._hash_left)
+            self._hash_left -= nodes
+            self._collidable_left -= collidable
+            if self._collidable_left < 0:
+                raise _Refused(f"more than {_MAX_COLLIDABLE_KEYS} dict keys/set items with "
+                               "attacker-chosen hashes (floats, huge ints, -1/-2); refused to keep "
+                               "loading fast")
+            if self._hash_left < 0:
+                raise _Refused(f"dict keys/set items too large to hash (more than "
+                               f"{_HASH_BUDGET} tuple elements in all, e.g. {_short(k, 60)}); refused to keep "
+                               "loading fast")
+
+    def load_setitem(self):
+        self.charge(self.stack[-2:-1])
+        _PyUnpickler.load_setitem(self)
+    dispatch[pickle.SETITEM[0]] = load_setitem
+
+    def load_setitems(self):
+        self.charge(self.stack[0::2])
+        _PyUnpickler.load_setitems(self)
+    dispatch[pickle.SETITEMS[0]] = load_setitems
+
+    def load_dict(self):
+        self.charge(self.stack[0::2])
+        _PyUnpickler.load_dict(self)
+    dispatch[pickle.DICT[0]] = load_dict
+
+    def load_additems(self):
+        self.charge(self.stack)
+        _PyUnpickler.load_additems(self)
+    dispatch[pickle.ADDITEMS[0]] = load_additems
+
+    def load_frozenset(self):
+        self.charge(self.stack)
+        _PyUnpickler.load_frozenset(self)
+    dispatch[pickle.FROZENSET[0]] = load_frozenset
+
+    def load_put(self):
+        i = int(self.readline()[:-1])
+        if not 0 <= i < (1 << 32):
+            raise _Refused(f"PUT memo index {_short(i)} out of range")
+        self.memo[i] = self.stack[-1]
+    dispatch[pickle.PUT[0]] = load_put
 
 
 # ----------------------------------------------------------------------------- the zip file
@@ -258,6 +458,8 @@ class _CkptFile:
         self.path = os.fspath(path)
         self._storages = {}  # key -> _StorageRef
         self._arrays = {}    # key -> 1-D np array (read once)
+        self._storage_bytes = 0  # of all storages data.pkl refers to
+        self._output_bytes = 0   # of the tensors materialised so far (in storage bytes)
         self._map = None
         try:
             with open(self.path, "rb") as f:
@@ -271,8 +473,9 @@ class _CkptFile:
                        "(PyTorch >= 1.6) or convert it to .safetensors")
         try:
             self.zip = zipfile.ZipFile(self.path)
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as e:
-            self._fail(f"not a zip-format PyTorch checkpoint (bad zip: {e}). Re-save it with "
+        except _ZIP_ERRORS as e:  # NotImplementedError: "zip file version 12.7" (found by fuzzing)
+            self._fail(f"not a zip-format PyTorch checkpoint (bad zip: {type(e).__name__}: "
+                       f"{_clip(str(e))}). Re-save it with "
                        "torch.save or convert it to .safetensors")
         try:
             self._check_entries()
@@ -294,64 +497,89 @@ class _CkptFile:
         for n in names:
             parts = n.split("/")
             if "\\" in n or n.startswith("/") or ".." in parts or (len(n) > 1 and n[1] == ":"):
-                self._fail(f"unsafe zip entry name {n!r} (absolute, '..' or backslash)")
+                self._fail(f"unsafe zip entry name {_short(n)} (absolute, '..' or backslash)")
         dupes = sorted(n for n, c in collections.Counter(names).items() if c > 1)
         if dupes:
-            self._fail(f"duplicate zip entries {dupes}")
+            self._fail(f"duplicate zip entries {_short(dupes)}")
         pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pkls) != 1:
-            self._fail(f"expected exactly one '<folder>/data.pkl' entry, found {len(pkls)}: {pkls}")
+            self._fail(f"expected exactly one '<folder>/data.pkl' entry, found {len(pkls)}: {_short(pkls)}")
         self.folder = pkls[0][: -len("/data.pkl")]
         stray = [n for n in names if n.split("/")[0] != self.folder or "/" not in n]
         if stray:
-            self._fail(f"zip entries outside the checkpoint folder {self.folder!r}: {stray[:5]}")
+            self._fail(f"zip entries outside the checkpoint folder {_short(self.folder)}: {_short(stray[:5])}")
         self.infos = {i.filename: i for i in infos}
         bo = self.infos.get(f"{self.folder}/byteorder")
         if bo is not None:
-            order = self.zip.read(bo).decode("ascii", "replace").strip()
+            order = self.read_entry(bo, 64).decode("ascii", "replace").strip()
             if order != "little":
-                self._fail(f"entry {bo.filename!r} says byteorder {order!r}; only 'little' is supported "
+                self._fail(f"entry {_short(bo.filename)} says byteorder {_short(order)}; only 'little' is supported "
                            "(re-save the checkpoint on a little-endian machine)")
+
+    def read_entry(self, info, limit, need=None):
+        """All bytes of a stored or deflated entry (CRC checked), refused if it declares more than limit."""
+        name = info.filename
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            self._fail(f"zip entry {_short(name)} uses compression method {info.compress_type}; only stored or "
+                       "deflated entries are supported (torch.save writes stored ones)")
+        if info.file_size > limit:
+            self._fail(f"zip entry {_short(name)} declares {info.file_size} bytes, more than the {limit} allowed")
+        if info.compress_type == zipfile.ZIP_DEFLATED and \
+                info.file_size > _DEFLATE_MAX_RATIO * info.compress_size + 1024:
+            self._fail(f"zip entry {_short(name)} claims {info.file_size} bytes from {info.compress_size} "
+                       "compressed bytes, more than deflate can produce")
+        try:
+            with self.zip.open(info) as f:
+                data = f.read()
+        except _ZIP_ERRORS as e:
+            self._fail(f"cannot read zip entry {_short(name)}: {type(e).__name__}: {_clip(str(e))}")
+        if len(data) != info.file_size:
+            self._fail(f"zip entry {_short(name)} has {len(data)} bytes, its directory record says {info.file_size}")
+        return data
 
     # -- unpickling
     def load_tree(self):
+        name = f"{self.folder}/data.pkl"
+        data = self.read_entry(self.infos[name], MAX_PICKLE_BYTES)
+        unpickler = None
         try:
-            with self.zip.open(f"{self.folder}/data.pkl") as pkl:
-                return _RestrictedUnpickler(pkl, self).load()
+            unpickler = _RestrictedUnpickler(data, self)
+            return unpickler.load()
         except _Refused as e:
             self._fail(str(e))
         except CheckpointError:
             raise
-        except (pickle.UnpicklingError, EOFError, TypeError, ValueError, KeyError, IndexError,
-                AttributeError, OverflowError, RuntimeError, NotImplementedError, OSError,
-                zipfile.BadZipFile, struct.error) as e:
-            self._fail(f"malformed {self.folder}/data.pkl: {type(e).__name__}: {e}")
+        except Exception as e:  # noqa: BLE001 -- the unpickler only runs our stand-ins: all of it is "malformed"
+            where = f" at byte {unpickler.position}" if unpickler is not None else ""
+            self._fail(f"malformed {name}{where}: {type(e).__name__}: {_clip(str(e))}")
 
     def storage_ref(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise _Refused(f"unsupported persistent id {pid!r}: expected "
+        if not (isinstance(pid, tuple) and len(pid) == 5 and isinstance(pid[0], str) and pid[0] == "storage"):
+            raise _Refused(f"unsupported persistent id {_short(pid)}: expected "
                            "('storage', storage_type, key, location, numel)")
         _, stype, key, location, numel = pid
         if not isinstance(stype, _StorageType):
-            raise _Refused(f"persistent id {pid!r}: {stype!r} is not a supported storage type "
+            raise _Refused(f"persistent id {_short(pid)}: {_short(stype)} is not a supported storage type "
                            f"(allowed: {', '.join('torch.' + s for s in _STORAGES)})")
-        if not isinstance(key, str) or not isinstance(location, str) or not _is_int(numel) or numel < 0:
-            raise _Refused(f"malformed persistent id {pid!r}")
+        if not isinstance(key, str) or not isinstance(location, str) or not _is_int(numel) \
+                or not 0 <= numel < _INT64:
+            raise _Refused(f"malformed persistent id {_short(pid)}")
         ref = self._storages.get(key)
         if ref is not None:
             if ref.type is not stype or ref.numel != numel:
-                raise _Refused(f"storage {key!r} is used as both {ref.type}[{ref.numel}] "
+                raise _Refused(f"storage {_short(key)} is used as both {ref.type}[{ref.numel}] "
                                f"and {stype}[{numel}]")
             return ref
         entry = f"{self.folder}/data/{key}"
         info = self.infos.get(entry)
         if info is None:
-            raise _Refused(f"storage {key!r}: zip entry {entry!r} is missing")
+            raise _Refused(f"storage {_short(key)}: zip entry {_short(entry)} is missing")
         need = numel * stype.dtype.itemsize
         if info.file_size < need:
-            raise _Refused(f"storage {key!r}: entry {entry!r} has {info.file_size} bytes but "
+            raise _Refused(f"storage {_short(key)}: entry {_short(entry)} has {info.file_size} bytes but "
                            f"{numel} x {stype} needs {need}")
         ref = self._storages[key] = _StorageRef(stype, key, numel, info)
+        self._storage_bytes += need
         return ref
 
     # -- materialising
@@ -365,13 +593,13 @@ class _CkptFile:
         elif info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 1:
             if self._map is None:
                 self._map = np.asarray(np.memmap(self.path, dtype=np.uint8, mode="r"))
-            start = self._data_offset(info)
-            arr = self._map[start:start + ref.numel * dtype.itemsize].view(dtype)
-        else:
-            try:
-                data = self.zip.read(info)
-            except (zipfile.BadZipFile, RuntimeError, NotImplementedError, OSError, EOFError) as e:
-                self._fail(f"cannot read storage entry {info.filename!r}: {e}")
+            start, nbytes = self._data_offset(info), ref.numel * dtype.itemsize
+            raw = self._map[start:start + nbytes]
+            if raw.size != nbytes:
+                self._fail(f"zip entry {_short(info.filename)} runs past the end of the file")
+            arr = raw.view(dtype)
+        else:  # deflated (anything else is refused by read_entry)
+            data = self.read_entry(info, info.file_size)
             arr = np.frombuffer(data, dtype, count=ref.numel)
         self._arrays[ref.key] = arr
         return arr
@@ -380,60 +608,101 @@ class _CkptFile:
         """Where an uncompressed entry's bytes start (after its local header)."""
         m = self._map
         h = info.header_offset
-        if h + 30 > len(m) or bytes(m[h:h + 4]) != b"PK\x03\x04":
-            self._fail(f"bad local header for zip entry {info.filename!r}")
+        if h < 0 or h + 30 > len(m) or bytes(m[h:h + 4]) != b"PK\x03\x04":
+            self._fail(f"bad local header for zip entry {_short(info.filename)}")
         name_len, extra_len = struct.unpack("<HH", bytes(m[h + 26:h + 30]))
         raw = bytes(m[h + 30:h + 30 + name_len])
         name = raw.decode("utf-8" if info.flag_bits & 0x800 else "cp437", "replace")
         start = h + 30 + name_len + extra_len
-        if name != info.orig_filename or start + info.file_size > len(m) or info.compress_size != info.file_size:
-            self._fail(f"zip entry {info.filename!r}: local header does not match the directory")
+        if name != info.orig_filename or start + info.file_size > len(m) or info.compress_size != info.file_size \
+                or info.file_size < 0:
+            self._fail(f"zip entry {_short(info.filename)}: local header does not match the directory")
         return start
 
     def tensor(self, ref, name):
+        """The array of a tensor record; ``name``: its key, or a _Path (formatted only for errors)."""
         st = ref.storage
-        numel = math.prod(ref.size)
+        size, itemsize = ref.size, st.type.dtype.itemsize
+        numel = math.prod(size)
         if numel == 0:
-            return _finish(np.empty(ref.size, st.type.dtype), st.type)
-        last = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride))
+            if math.prod(n for n in size if n) * itemsize >= _INT64:
+                self._fail(f"tensor {_short(str(name), 200)}: size {_short(size)} is too large")
+            return _finish(np.empty(size, st.type.dtype), st.type)
+        stride = tuple(0 if n == 1 else s for n, s in zip(size, ref.stride))  # unused strides may be huge
+        last = ref.offset + sum((n - 1) * s for n, s in zip(size, stride))
         if last >= st.numel:
-            self._fail(f"tensor {name!r} (offset {ref.offset}, size {ref.size}, stride {ref.stride}) "
-                       f"addresses element {last} but storage {st.key!r} has only {st.numel} elements")
-        if numel > max(st.numel, _MAX_BROADCAST_ELEMENTS):
-            self._fail(f"tensor {name!r} has {numel} elements, far more than its storage "
-                       f"{st.key!r} ({st.numel})")
+            self._fail(f"tensor {_short(str(name), 200)} (offset {ref.offset}, size {_short(size)}, stride "
+                       f"{_short(ref.stride)}) addresses element {_short(last)} but storage {_short(st.key)} "
+                       f"has only {st.numel} elements")
+        if numel > st.numel:
+            if numel > _MAX_BROADCAST_ELEMENTS:
+                self._fail(f"tensor {_short(str(name), 200)} has {_short(numel)} elements, far more than its storage "
+                           f"{_short(st.key)} ({st.numel})")
+        self._output_bytes += numel * itemsize
+        if self._output_bytes > 4 * self._storage_bytes + _EXTRA_OUTPUT_BYTES:
+            self._fail(f"tensor {_short(str(name), 200)}: the tensors add up to {self._output_bytes} bytes, more than "
+                       f"4 x the {self._storage_bytes} bytes of their storages (+{_EXTRA_OUTPUT_BYTES}); "
+                       "refused to keep memory bounded")
         base = self._storage_array(st)[ref.offset:]
-        item = base.dtype.itemsize
         view = np.lib.stride_tricks.as_strided(
-            base, shape=ref.size, strides=[s * item for s in ref.stride], writeable=False)
+            base, shape=size, strides=[s * itemsize for s in stride], writeable=False)
         return _finish(view.copy(), st.type)
 
 
 def _finish(arr, stype):
-    """Storage dtype -> returned dtype: bfloat16 -> float32, bool bytes -> bool, native byte order."""
+    """Storage dtype -> returned dtype: bfloat16 -> float32, bool bytes -> bool, native byte order.
+
+    Always an ndarray (ufuncs would turn 0-d arrays into numpy scalars).
+    """
     if stype.name == "torch.BFloat16Storage":
-        return (arr.astype(np.uint32) << 16).view(np.float32)
+        wide = arr.astype(np.uint32)
+        wide <<= 16
+        return wide.view(np.float32)
     if stype.name == "torch.BoolStorage":
-        return arr != 0
+        return arr.astype(bool)
     return arr.astype(arr.dtype.newbyteorder("="), copy=False)
 
 
-def _materialize(tree, ckpt, name="", memo=None):
+class _Path:
+    """Where a value sits in the tree (parent, key); formatted only when an error needs it."""
+
+    __slots__ = ("parent", "key")
+
+    def __init__(self, parent, key):
+        self.parent, self.key = parent, key
+
+    def __str__(self):
+        parts, node = [], self
+        while node is not None:
+            parts.append(node.key if isinstance(node.key, int) and not isinstance(node.key, bool)
+                         else _short(node.key, 40) if not isinstance(node.key, str) else node.key)
+            node = node.parent
+        parts.reverse()
+        out = ""
+        for p in parts:
+            out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else p)
+        return out if len(out) < 400 else out[:190] + "..." + out[-190:]
+
+
+def _materialize(tree, ckpt, path=None, memo=None, depth=0):
     """Replace tensor records by arrays; shared/cyclic containers are visited once."""
     memo = {} if memo is None else memo
     if id(tree) in memo:
         return memo[id(tree)]
+    if isinstance(tree, (dict, list, tuple)) and depth >= _MAX_NESTING:
+        ckpt._fail(f"containers nested more than {_MAX_NESTING} deep at {_short(str(path), 200)}")
     if isinstance(tree, _TensorRef):
-        out = ckpt.tensor(tree, name)
+        out = ckpt.tensor(tree, path)
     elif isinstance(tree, dict):
         out = memo[id(tree)] = {}
         for k, v in tree.items():
-            out[k] = _materialize(v, ckpt, f"{name}.{k}" if name else str(k), memo)
+            out[k] = _materialize(v, ckpt, _Path(path, k), memo, depth + 1)
     elif isinstance(tree, list):
         out = memo[id(tree)] = []
-        out.extend(_materialize(v, ckpt, f"{name}[{i}]", memo) for i, v in enumerate(tree))
+        for i, v in enumerate(tree):
+            out.append(_materialize(v, ckpt, _Path(path, i), memo, depth + 1))
     elif isinstance(tree, tuple):
-        out = tuple(_materialize(v, ckpt, f"{name}[{i}]", memo) for i, v in enumerate(tree))
+        out = tuple([_materialize(v, ckpt, _Path(path, i), memo, depth + 1) for i, v in enumerate(tree)])
     else:
         return tree
     memo[id(tree)] = out
@@ -473,7 +742,7 @@ def read_ckpt(path) -> dict[str, np.ndarray]:
         for k, v in sd.items():
             if isinstance(v, _TensorRef):
                 if not isinstance(k, str):
-                    ckpt._fail(f"tensor key {k!r} is not a string")
+                    ckpt._fail(f"tensor key {_short(k)} is not a string")
                 out[k] = ckpt.tensor(v, k)
         if not out:
             ckpt._fail("no tensors found (expected a state dict, or a dict with 'state_dict')")

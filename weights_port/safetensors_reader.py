@@ -24,11 +24,13 @@ import struct
 
 import numpy as np
 
+from .ckpt_reader import _short
 from .errors import CheckpointError
 
 __all__ = ["read_safetensors", "read_safetensors_metadata", "MAX_HEADER_BYTES", "DTYPES"]
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+_MAX_NDIM = 32  # numpy 1.x limit; real checkpoints have <= 5
 
 #: safetensors dtype -> on-disk numpy dtype (BF16 is widened to float32 on read)
 DTYPES = {
@@ -42,7 +44,7 @@ def _no_duplicates(path):
         seen = {}
         for k, v in pairs:
             if k in seen:
-                raise CheckpointError(f"{path}: duplicate name {k!r} in the safetensors header")
+                raise CheckpointError(f"{path}: duplicate name {_short(k)} in the safetensors header")
             seen[k] = v
         return seen
     return hook
@@ -86,26 +88,32 @@ def _parse(path):
     meta = header.pop("__metadata__", None)
     if meta is not None and not (isinstance(meta, dict) and
                                  all(isinstance(v, str) for v in meta.values())):
-        fail(f"'__metadata__' must be an object of str -> str, got {meta!r}"[:300])
+        fail(f"'__metadata__' must be an object of str -> str, got {_short(meta)}")
 
     buf_len = size - 8 - n
     infos = {}
     for name, e in header.items():
+        name_ = _short(name)
         if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
-            fail(f"tensor {name!r}: entry must be an object with exactly dtype, shape, data_offsets; "
-                 f"got {e!r}"[:300])
+            fail(f"tensor {name_}: entry must be an object with exactly dtype, shape, data_offsets; "
+                 f"got {_short(e)}")
         dtype, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
-        if dtype not in DTYPES:
-            fail(f"tensor {name!r}: unsupported dtype {dtype!r} (supported: {', '.join(DTYPES)})")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            fail(f"tensor {name_}: unsupported dtype {_short(dtype)} (supported: {', '.join(DTYPES)})")
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            fail(f"tensor {name!r}: shape {shape!r} must be a list of non-negative ints")
+            fail(f"tensor {name_}: shape {_short(shape)} must be a list of non-negative ints")
+        if len(shape) > _MAX_NDIM:
+            fail(f"tensor {name_}: shape has {len(shape)} dimensions; at most {_MAX_NDIM} are supported")
+        itemsize = np.dtype(DTYPES[dtype]).itemsize
+        if math.prod(d for d in shape if d) * itemsize >= 1 << 63:
+            fail(f"tensor {name_}: shape {_short(shape)} is too large")
         if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs)
                 and 0 <= offs[0] <= offs[1]):
-            fail(f"tensor {name!r}: data_offsets {offs!r} must be [begin, end] with 0 <= begin <= end")
-        need = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize
+            fail(f"tensor {name_}: data_offsets {_short(offs)} must be [begin, end] with 0 <= begin <= end")
+        need = math.prod(shape) * itemsize
         if offs[1] - offs[0] != need:
-            fail(f"tensor {name!r}: data_offsets {offs} span {offs[1] - offs[0]} bytes but "
-                 f"{dtype} {shape} needs {need}")
+            fail(f"tensor {name_}: data_offsets {_short(offs)} span {_short(offs[1] - offs[0])} bytes but "
+                 f"{dtype} {_short(shape)} needs {need}")
         infos[name] = {"dtype": dtype, "shape": tuple(shape), "data_offsets": tuple(offs)}
 
     pos, prev = 0, None
@@ -113,8 +121,8 @@ def _parse(path):
         begin, end = info["data_offsets"]
         if begin != pos:
             what = "overlaps" if begin < pos else "leaves a gap after"
-            fail(f"tensor {name!r} (bytes {begin}..{end}) {what} "
-                 f"{'the start of the buffer' if prev is None else repr(prev)} (which ends at {pos}); "
+            fail(f"tensor {_short(name)} (bytes {begin}..{end}) {what} "
+                 f"{'the start of the buffer' if prev is None else _short(prev)} (which ends at {pos}); "
                  "tensors must tile the buffer contiguously")
         pos, prev = end, name
     if pos != buf_len:
@@ -145,10 +153,12 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
                 arr = np.empty(info["shape"], disk)
             else:
                 arr = np.asarray(data[begin:end]).view(disk).reshape(info["shape"]).copy()
-            if info["dtype"] == "BF16":
-                arr = (arr.astype(np.uint32) << 16).view(np.float32)
+            if info["dtype"] == "BF16":  # (in place: a ufunc would turn a 0-d array into a scalar)
+                arr = arr.astype(np.uint32)
+                arr <<= 16
+                arr = arr.view(np.float32)
             elif info["dtype"] == "BOOL":
-                arr = arr != 0
+                arr = arr.astype(bool)
             else:
                 arr = arr.astype(disk.newbyteorder("="), copy=False)
             out[name] = arr
