@@ -153,6 +153,29 @@ def build_parser():
         help="scale of the fresh noise of stochastic samplers (ddpm, euler_a), >= 0; "
         "deterministic ones ignore it. Default: 1.0.",
     )
+    edit = p.add_argument_group(
+        "editing", "image-to-image (--init-image), inpainting (+ --mask) and outpainting (+ --outpaint); "
+        "the output has the input image's size (cropped to a multiple of 8); --height/--width are ignored.",
+    )
+    edit.add_argument(
+        "--init-image", metavar="PATH", default=None,
+        help="start from this image (PNG, JPEG, ...) instead of pure noise. Default: none (text-to-image).",
+    )
+    edit.add_argument(
+        "--strength", metavar="S", default="0.8",
+        help="with --init-image: how much of the schedule runs, 0 to 1 (0 = the image back, 1 = all "
+        "steps from noise). Default: 0.8.",
+    )
+    edit.add_argument(
+        "--mask", metavar="PATH", default=None,
+        help="with --init-image: inpainting mask, white = repaint (binarised at 50%% grey, resized to the "
+        "image if needed); outside the mask the output keeps the input's pixels.",
+    )
+    edit.add_argument(
+        "--outpaint", metavar="SIDE=PX,...", default=None,
+        help="with --init-image: extend the canvas, e.g. left=128,right=0,top=64,bottom=0 (pixels, "
+        "multiples of 8) and paint the new area (strength 1); the old area is kept.",
+    )
     p.scheduler_names = schedulers
     return p
 
@@ -197,6 +220,53 @@ def _check_scheduler(parser, name):
     return name
 
 
+def parse_outpaint(parser, text):
+    """`left=128,right=0,top=64,bottom=0` (any subset of the sides) -> dict; exit 2 on bad syntax/values."""
+    sides = ("left", "right", "top", "bottom")
+    allowed = "SIDE=PIXELS pairs separated by commas, sides left/right/top/bottom, pixels multiples of 8 >= 0"
+    out = {}
+    for part in text.split(","):
+        side, eq, value = part.strip().partition("=")
+        side = side.strip().lower()
+        if not eq or side not in sides or side in out:
+            parser.error(f"--outpaint {text}: {part.strip()!r} is not valid; expected {allowed}")
+        try:
+            px = int(value.strip(), 10)
+        except ValueError:
+            px = -1
+        if px < 0 or px % 8:
+            parser.error(f"--outpaint {text}: {side}={value.strip()} must be a multiple of 8 >= 0")
+        out[side] = px
+    if not any(out.values()):
+        parser.error(f"--outpaint {text}: at least one margin must be above 0")
+    return out
+
+
+def _strength(parser, text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or not 0 <= value <= 1:
+        parser.error(f"--strength {text}: must be a number between 0 and 1")
+    return value
+
+
+def _validate_editing(parser, args):
+    args.strength = _strength(parser, args.strength)
+    for option, path in (("--init-image", args.init_image), ("--mask", args.mask)):
+        if path is not None and not os.path.isfile(path):
+            parser.error(f"{option} {path}: no such file")
+    if args.init_image is None:
+        for option, value in (("--mask", args.mask), ("--outpaint", args.outpaint)):
+            if value is not None:
+                parser.error(f"{option} needs --init-image (the image to edit)")
+    if args.outpaint is not None:
+        if args.mask is not None:
+            parser.error("--outpaint and --mask cannot be combined (outpainting repaints the new area only)")
+        args.outpaint = parse_outpaint(parser, args.outpaint)
+
+
 def validate(parser, args):
     """Check and convert the plain argument values in place (exit 2 on the first bad one)."""
     args.steps = _int(parser, "--steps", args.steps, 1, MAX_STEPS)
@@ -212,6 +282,7 @@ def validate(parser, args):
     if not args.model:
         parser.error("--model: must be a model folder or a preset name")
     args.scheduler = _check_scheduler(parser, args.scheduler)
+    _validate_editing(parser, args)
     return args
 
 
@@ -317,7 +388,8 @@ def main(argv=None):
         err.write(
             f"model {name} ({t2i.model_path}"
             + (f", converted from {source}" if isinstance(source, str) and source else "")
-            + f"), {t2i.img_width}x{t2i.img_height}, {args.steps} steps, {t2i.scheduler.name}, "
+            + ("), size of the input image" if args.init_image else f"), {t2i.img_width}x{t2i.img_height}")
+            + f", {args.steps} steps, {t2i.scheduler.name}, "
             f"CFG {args.guidance:g}, seed {args.seed}"
             + (f"..{(args.seed + args.batch_size - 1) % (MAX_SEED + 1)}" if args.batch_size > 1 else "")
             + (", XLA" if args.jit_compile else "")
@@ -335,6 +407,10 @@ def main(argv=None):
             batch_size=args.batch_size,
             seed=args.seed,
             callback=bar,
+            init_image=args.init_image,
+            strength=args.strength,
+            mask=args.mask,
+            outpaint=args.outpaint,
         )
         bar.close()
         seeds = list(t2i.last_seeds)
@@ -346,11 +422,14 @@ def main(argv=None):
                 "sampler": t2i.scheduler.name,
                 "guidance": args.guidance,
                 "seed": seed,
-                "width": t2i.img_width,
-                "height": t2i.img_height,
+                "width": int(image.shape[1]),
+                "height": int(image.shape[0]),
                 "model": name,
                 "attention": args.attention,
                 "temperature": args.temperature if args.temperature != 1.0 else None,
+                "denoising_strength": (1.0 if args.outpaint else args.strength) if args.init_image else None,
+                "mask": "yes" if args.mask else None,
+                "outpaint": ",".join(f"{k}={v}" for k, v in args.outpaint.items()) if args.outpaint else None,
             }
             try:
                 save_png(path, image, params)

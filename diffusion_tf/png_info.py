@@ -16,7 +16,7 @@ round trip. `Size` is width x height.
 `format_parameters(dict) -> str` and `parse_parameters(str) -> dict` are each
 other's inverse; the dict keys are `prompt`, `negative_prompt` (only when there
 is one), `steps`, `sampler`, `guidance`, `seed`, `width`, `height`, `model`,
-`attention`, `temperature`, and any other label as lower_snake_case (kept as a
+`attention`, `temperature`, `denoising_strength` (editing), and any other label as lower_snake_case (kept as a
 string). Known limitation (shared with the web UI): a prompt with a line of its
 own starting with "Negative prompt:" is read back as a negative prompt.
 
@@ -45,10 +45,11 @@ LABELS = {
     "model": "Model",
     "attention": "Attention",
     "temperature": "Temperature",
+    "denoising_strength": "Denoising strength",
 }
 _KEYS = {label: key for key, label in LABELS.items()}
 _INTS = ("steps", "seed")
-_FLOATS = ("guidance", "temperature")
+_FLOATS = ("guidance", "temperature", "denoising_strength")
 
 # `Label: value` where value is a JSON string or runs up to the next comma.
 _PARAM = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')

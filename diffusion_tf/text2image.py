@@ -7,7 +7,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from diffusion_tf import schedulers
+from diffusion_tf import editing, schedulers
 from diffusion_tf.components import load_folder
 from diffusion_tf.layers.transformer_2d import ATTENTION_TYPES
 
@@ -150,25 +150,51 @@ class Text2Image:
             self._schedulers[name] = schedulers.get(name, **self.config["scheduler"])
         return self._schedulers[name]
 
-    def initial_latents(self, seeds, scheduler=None):
+    def initial_latents(self, seeds, scheduler=None, shape=None):
         """Standard-normal latents, one independent stream per seed (a batch equals single runs),
-        times the scheduler's `init_noise_sigma` (call its `set_timesteps` first)."""
+        times the scheduler's `init_noise_sigma` (call its `set_timesteps` first).
+        `shape`: latent [h, w, c] (default: `latent_shape`)."""
         scheduler = self.scheduler if scheduler is None else scheduler
-        shape = self.latent_shape
-        noise = [tf.random.stateless_normal(shape, seed=[int(s), 0]) for s in seeds]
-        return tf.stack(noise) * scheduler.init_noise_sigma
+        return self.noise(seeds, shape) * scheduler.init_noise_sigma
 
-    def _denoise(self, latents, i, context, guidance, use_guidance, scheduler, tables):
-        """One guided UNet evaluation at step index i: conditional and unconditional passes in one batch."""
+    def noise(self, seeds, shape=None):
+        """The standard-normal start noise [B, h, w, c], one stream per seed."""
+        shape = tuple(self.latent_shape if shape is None else shape)
+        return tf.stack([tf.random.stateless_normal(shape, seed=[int(s), 0]) for s in seeds])
+
+    def _denoise(self, latents, i, context, guidance, use_guidance, scheduler, tables, extra=None):
+        """One guided UNet evaluation at step index i: conditional and unconditional passes in one batch.
+        `extra` [B, h, w, 5]: mask + masked-image latents appended to the (scaled) input of a
+        9-channel inpainting UNet."""
         t = scheduler.model_timestep(i, tables)  # float32; fractional with Karras sigmas
         if use_guidance:
             x = ops.concatenate([latents, latents], axis=0)
             x = scheduler.scale_model_input(x, i, tables)
+            if extra is not None:
+                x = ops.concatenate([x, ops.concatenate([extra, extra], axis=0)], axis=-1)
             out = ops.cast(self.unet(x, t, context), "float32")
             uncond, cond = ops.split(out, 2, axis=0)
             return uncond + guidance * (cond - uncond)
         x = scheduler.scale_model_input(latents, i, tables)
+        if extra is not None:
+            x = ops.concatenate([x, extra], axis=-1)
         return ops.cast(self.unet(x, t, context), "float32")
+
+    def _step(self, latents, state, i, context, tables, guidance, temperature, seed, cond, use_guidance, scheduler):
+        """One denoising step at index i: the body of both the fused loop and the callback path.
+
+        `cond` (editing): {"extra"} for 9-channel UNets (mask + masked-image latents), or
+        {"mask", "image_latents", "noise"} for the known-region blending of 4-channel UNets."""
+        out = self._denoise(latents, i, context, guidance, use_guidance, scheduler, tables, cond.get("extra"))
+        noise = self._step_noise(latents, seed, i, temperature, scheduler)
+        latents, state = scheduler.step_fn(out, i, latents, state, noise=noise, tables=tables)
+        if "mask" in cond:  # the known region follows the image, noised to the next timestep
+            steps = ops.shape(tables["model_timesteps"])[0]
+            nxt = ops.minimum(i + 1, steps - 1)
+            noised = editing.add_noise_at(scheduler, cond["image_latents"], cond["noise"], nxt, tables)
+            known = ops.where(i + 1 < steps, noised, cond["image_latents"])
+            latents = (1.0 - cond["mask"]) * known + cond["mask"] * latents
+        return latents, state
 
     def _context(self, cond_ids, uncond_ids, use_guidance):
         ids = ops.concatenate([uncond_ids, cond_ids], axis=0) if use_guidance else cond_ids
@@ -186,38 +212,38 @@ class Text2Image:
             self._functions[key] = tf.function(fn, jit_compile=self.jit_compile, reduce_retracing=True)
         return self._functions[key]
 
-    def _generate_fn(self, use_guidance, scheduler=None):
+    def _generate_fn(self, use_guidance, scheduler=None, mode=()):
         """encode text -> fori_loop over the denoising steps -> decode, as one function.
 
-        The loop carries (latents, scheduler state); the scheduler's per-step tables come
-        in as an argument, so another step count reuses the function."""
+        The loop carries (latents, scheduler state) and runs from index `start` (0, or
+        part-way for image-to-image); the scheduler's per-step tables and the editing inputs
+        `cond` come in as arguments, so another step count or strength reuses the function.
+        `mode`: the keys of `cond` (one function per kind of editing)."""
         scheduler = self.scheduler if scheduler is None else scheduler
 
-        def generate(cond_ids, uncond_ids, latents, tables, guidance, temperature, seed):
+        def generate(cond_ids, uncond_ids, latents, tables, guidance, temperature, seed, start, cond):
             context = self._context(cond_ids, uncond_ids, use_guidance)
 
             def body(i, carry):
                 latents, state = carry
-                out = self._denoise(latents, i, context, guidance, use_guidance, scheduler, tables)
-                noise = self._step_noise(latents, seed, i, temperature, scheduler)
-                return scheduler.step_fn(out, i, latents, state, noise=noise, tables=tables)
+                return self._step(latents, state, i, context, tables, guidance, temperature, seed, cond,
+                                  use_guidance, scheduler)
 
             steps = ops.shape(tables["model_timesteps"])[0]
-            latents, _ = ops.fori_loop(0, steps, body, (latents, scheduler.init_state(latents)))
+            latents, _ = ops.fori_loop(start, steps, body, (latents, scheduler.init_state(latents)))
             return self.decode(latents)
 
         # keyed by the scheduler object itself (kept alive by the key, so never confused)
-        return self._compiled(("generate", use_guidance, scheduler), generate)
+        return self._compiled(("generate", use_guidance, scheduler, mode), generate)
 
-    def _step_fn(self, use_guidance, scheduler=None):
+    def _step_fn(self, use_guidance, scheduler=None, mode=()):
         scheduler = self.scheduler if scheduler is None else scheduler
 
-        def step(latents, state, i, context, tables, guidance, temperature, seed):
-            out = self._denoise(latents, i, context, guidance, use_guidance, scheduler, tables)
-            noise = self._step_noise(latents, seed, i, temperature, scheduler)
-            return scheduler.step_fn(out, i, latents, state, noise=noise, tables=tables)
+        def step(latents, state, i, context, tables, guidance, temperature, seed, cond):
+            return self._step(latents, state, i, context, tables, guidance, temperature, seed, cond,
+                              use_guidance, scheduler)
 
-        return self._compiled(("step", use_guidance, scheduler), step)
+        return self._compiled(("step", use_guidance, scheduler, mode), step)
 
     # ------------------------------------------------------------ API
     def generate(
@@ -232,19 +258,34 @@ class Text2Image:
         latents=None,
         callback=None,
         scheduler=None,
+        init_image=None,
+        strength=0.8,
+        mask=None,
+        outpaint=None,
+        paste_back=True,
     ):
         """Generate images; returns uint8 [len(prompts) * batch_size, H, W, 3].
 
         `negative_prompt` replaces the empty unconditional prompt of classifier-free
         guidance (used when the guidance scale is above 1). `seed` makes runs
         repeatable: image i of the batch uses seed + i. `latents` [B, h, w, 4] (NHWC)
-        replaces the random start (it is multiplied by the scheduler's `init_noise_sigma`).
+        replaces the random start (it is multiplied by the scheduler's `init_noise_sigma`;
+        when editing it is the standard-normal noise used in place of the seeded one).
         `temperature` scales the fresh noise of stochastic samplers (DDPM, Euler ancestral,
-        DDIM with eta > 0); deterministic ones ignore it. `callback(i, n, t)` is called
-        after every model evaluation, n = len(timesteps) (2 * num_steps - 1 for Heun,
-        num_steps + 1 for PNDM); the loop then runs step by step on the host.
+        DDIM with eta > 0); deterministic ones ignore it. `callback(k, n, t)` is called
+        after every model evaluation, n = the number of evaluations that run (len(timesteps):
+        2 * num_steps - 1 for Heun, num_steps + 1 for PNDM; fewer when editing with
+        strength < 1); the loop then runs step by step on the host.
         `scheduler`: a scheduler name for this call only (e.g. "dpm++2m-karras"; default:
         the constructor's).
+
+        Editing (see `diffusion_tf.editing` for every choice): `init_image` (path, PIL image
+        or uint8 array; its size, cropped to a multiple of 8, is the output size) with
+        `strength` in [0, 1] (the part of the schedule that runs) is image-to-image; with
+        `mask` (white = repaint) inpainting; with `outpaint={"left": 128, "top": 64, ...}`
+        (pixels, multiples of 8) the canvas grows and the new area is painted (strength 1).
+        With a mask (or outpaint) the pixels outside it are the input's exactly, unless
+        `paste_back=False` (the raw decoded output, as diffusers returns it).
         """
         sched = self.scheduler if scheduler is None else self.get_scheduler(scheduler)
         prompts = _prompt_list(prompt)
@@ -265,6 +306,14 @@ class Text2Image:
                 f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}; "
                 "give one negative prompt, or one per prompt."
             )
+        edit = editing.prepare(init_image, strength, mask, outpaint)
+        f = self.vae.downsampling_factor
+        if edit is None:
+            height, width = self.img_height, self.img_width
+        else:
+            height, width = edit.image.shape[:2]
+            check_size(height, width)
+        shape = (height // f, width // f, self.vae.latent_channels)
         prompts = [p for p in prompts for _ in range(batch_size)]
         negatives = [n for n in negatives for _ in range(batch_size)]
         batch = len(prompts)
@@ -276,21 +325,43 @@ class Text2Image:
 
         timesteps = sched.set_timesteps(num_steps)  # before init_noise_sigma (it may depend on it)
         if latents is None:
-            latents = self.initial_latents(seeds, sched)
+            noise = self.noise(seeds, shape)
         else:
             latents = np.asarray(latents, dtype="float32")
-            expected = (batch,) + self.latent_shape
+            expected = (batch,) + shape
             if latents.shape != expected:
                 raise ValueError(
                     f"latents has shape {latents.shape}; expected {expected} (NHWC, batch "
-                    f"{batch} = prompts x batch_size, size {self.img_height}x{self.img_width})."
+                    f"{batch} = prompts x batch_size, size {height}x{width})."
                 )
             if not np.all(np.isfinite(latents)):
                 raise ValueError("latents contain NaN or Inf values.")
-            latents = tf.constant(latents * np.float32(sched.init_noise_sigma))
+            noise = tf.constant(latents)
+
+        tables = {k: tf.constant(v) for k, v in sched.tables.items()}
+        start, cond = 0, {}
+        if edit is None:
+            latents = noise * np.float32(sched.init_noise_sigma)
+            if self.unet.in_channels == 9:  # an inpainting UNet: everything is to be painted
+                cond = self._inpaint_inputs(np.zeros((height, width, 3), "uint8"), None, batch)
+        else:
+            start = editing.start_index(num_steps, edit.strength, sched)
+            image_latents = tf.tile(self.encode(edit.image[None]), [batch, 1, 1, 1])
+            inpainting = edit.inpainting or self.unet.in_channels == 9
+            if start >= len(timesteps):  # strength 0: no step, the VAE round trip
+                latents = image_latents
+            elif inpainting and start == 0 and edit.strength == 1.0:  # diffusers' is_strength_max
+                latents = noise * np.float32(sched.init_noise_sigma)
+            else:
+                latents = editing.add_noise_at(sched, image_latents, noise, start, tables)
+            if self.unet.in_channels == 9:
+                cond = self._inpaint_inputs(edit.image, edit.mask, batch)
+            elif edit.inpainting:
+                m = editing.latent_mask(edit.mask, f)
+                cond = {"mask": tf.constant(m[None]), "image_latents": image_latents, "noise": noise}
+        mode = tuple(sorted(cond))
 
         use_guidance = guidance > 1.0
-        tables = {k: tf.constant(v) for k, v in sched.tables.items()}
         args = dict(
             cond_ids=tf.constant(self.tokenizer(prompts)),
             uncond_ids=tf.constant(self.tokenizer(negatives)),
@@ -299,24 +370,39 @@ class Text2Image:
             seed=tf.constant(seed, "int64"),
         )
         if callback is None:
-            images = self._generate_fn(use_guidance, sched)(
+            images = self._generate_fn(use_guidance, sched, mode)(
                 args["cond_ids"], args["uncond_ids"], latents,
                 tables, args["guidance"], args["temperature"], args["seed"],
+                tf.constant(start, "int32"), cond,
             )
         else:
             context = self._compiled(("context", use_guidance), lambda c, u: self._context(c, u, use_guidance))(
                 args["cond_ids"], args["uncond_ids"]
             )
-            step = self._step_fn(use_guidance, sched)
+            step = self._step_fn(use_guidance, sched, mode)
             state = sched.init_state(latents)
-            for i, t in enumerate(timesteps):
+            run = len(timesteps) - start
+            for k, t in enumerate(timesteps[start:]):
                 latents, state = step(
-                    latents, state, tf.constant(i, "int32"), context, tables,
-                    args["guidance"], args["temperature"], args["seed"],
+                    latents, state, tf.constant(start + k, "int32"), context, tables,
+                    args["guidance"], args["temperature"], args["seed"], cond,
                 )
-                callback(i, len(timesteps), t.item())
+                callback(k, run, t.item())
             images = self._compiled("decode", self.decode)(latents)
-        return to_uint8(images)
+        images = to_uint8(images)
+        if edit is not None and edit.mask is not None and paste_back:
+            images = editing.paste_back(images, edit.image, edit.mask)
+        return images
+
+    def _inpaint_inputs(self, image, mask, batch):
+        """{"extra": [B, h, w, 1 + 4]}: the latent mask and the masked-image latents of a
+        9-channel UNet (mask None: all white, i.e. everything repainted)."""
+        f = self.vae.downsampling_factor
+        if mask is None:
+            mask = np.ones(image.shape[:2], "float32")
+        masked = self.encode(editing.masked_image(image, mask)[None])
+        extra = ops.concatenate([ops.convert_to_tensor(editing.latent_mask(mask, f)[None]), masked], axis=-1)
+        return {"extra": tf.tile(extra, [batch, 1, 1, 1])}
 
 
 def _check_scheduler_name(name):

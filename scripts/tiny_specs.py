@@ -91,3 +91,14 @@ TINY_SPECS = {
         "pad_token": "!",
     },
 }
+
+# The 9-channel inpainting variant of tiny-sd1 (latents + mask + masked-image latents as the
+# UNet input, as the SD inpainting checkpoints); everything else as tiny-sd1. Its fixtures
+# (tests/fixtures/tiny-sd1-inpaint/) come from scripts/make_editing_fixtures.py. Kept out of
+# TINY_SPECS: the text-to-image fixture script cannot run a 9-channel UNet.
+EDITING_SPECS = {
+    "tiny-sd1-inpaint": {
+        **TINY_SPECS["tiny-sd1"],
+        "unet": {**TINY_SPECS["tiny-sd1"]["unet"], "in_channels": 9},
+    },
+}
