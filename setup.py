@@ -32,7 +32,7 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "test": ["pytest"],
+        "test": ["pytest", "hypothesis"],
         "parity": ["torch==2.13.0", "diffusers==0.42.1", "transformers==5.23.0"],
     },
     entry_points={
