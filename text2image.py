@@ -13,7 +13,8 @@ import os
 import sys
 import time
 
-DEFAULT_MODEL = "sd-v1-5"
+DEFAULT_MODEL = "sd-v1-5"  # when its converted weights are cached; else BUILTIN_MODEL
+BUILTIN_MODEL = "shapes"
 DEFAULT_OUTPUT = "output.png"
 MAX_SEED = 2**32 - 1
 MAX_STEPS = 1000  # as diffusion_tf.text2image.MAX_STEPS (not imported: that imports TensorFlow)
@@ -88,20 +89,22 @@ def build_parser():
         epilog=EPILOG,
         formatter_class=_HelpFormatter,
     )
-    p.add_argument("--prompt", required=True, help="the text describing the image (required).")
+    p.add_argument("--prompt", default=None, help="the text describing the image (required unless --from-png).")
     p.add_argument(
         "--negative-prompt", metavar="TEXT", default=None,
         help="what the image should not show; replaces the empty prompt of classifier-free "
         "guidance (used when --guidance is above 1). Default: none.",
     )
     p.add_argument(
-        "--steps", metavar="N", default="50",
-        help=f"number of denoising steps, 1 to {MAX_STEPS}; more is slower and usually finer. Default: 50.",
+        "--steps", metavar="N", default=None,
+        help=f"number of denoising steps, 1 to {MAX_STEPS}; more is slower and usually finer. "
+        "Default: the model's (50 for Stable Diffusion).",
     )
     p.add_argument(
-        "--guidance", metavar="SCALE", default="7.5",
+        "--guidance", metavar="SCALE", default=None,
         help="classifier-free guidance scale (CFG), >= 0: how strongly the image follows the "
-        "prompt; 1 or less turns guidance off (one UNet pass per step). Default: 7.5.",
+        "prompt; 1 or less turns guidance off (one UNet pass per step). Default: the model's (7.5 for "
+        "Stable Diffusion).",
     )
     p.add_argument(
         "--seed", metavar="N", default=None,
@@ -123,20 +126,22 @@ def build_parser():
         "only --height given: the same as --height.",
     )
     p.add_argument(
-        "--model", metavar="FOLDER|PRESET", default=DEFAULT_MODEL,
-        help="a model folder converted with `python -m weights_port`, or a preset name"
+        "--model", metavar="FOLDER|PRESET", default=None,
+        help="a model folder (converted with `python -m weights_port`, or trained with "
+        "`python -m diffusion_tf.train`), a preset name"
         + (f" ({', '.join(presets)})" if presets else "")
-        + "; a preset's weights are downloaded and converted the first time. "
-        f"Default: {DEFAULT_MODEL}.",
+        + f", or {BUILTIN_MODEL} (the built-in 64x64 shapes model); a preset's weights are downloaded and "
+        f"converted the first time. Default: {DEFAULT_MODEL} if it is already downloaded, else {BUILTIN_MODEL}.",
     )
     p.add_argument(
-        "--attention", choices=("standard", "linear"), default="standard",
-        help="UNet self-attention: standard (softmax, as trained) or linear (an approximation "
-        "that uses less memory at large sizes). Default: standard.",
+        "--attention", choices=("standard", "linear"), default=None,
+        help="UNet self-attention: standard (softmax) or linear (LinearAttention: an approximation "
+        "for softmax-trained weights, less memory at large sizes). Default: the model's own "
+        "(standard for Stable Diffusion, linear for the shapes model).",
     )
     p.add_argument(
-        "--scheduler", metavar="NAME", default="ddim" if "ddim" in schedulers or not schedulers else schedulers[0],
-        help=f"sampling algorithm, one of: {', '.join(schedulers)}. Default: %(default)s.",
+        "--scheduler", metavar="NAME", default=None,
+        help=f"sampling algorithm, one of: {', '.join(schedulers)}. Default: the model's (ddim).",
     )
     p.add_argument(
         "--jit-compile", action=argparse.BooleanOptionalAction, default=False,
@@ -147,6 +152,16 @@ def build_parser():
         "--output", metavar="PATH.png", default=DEFAULT_OUTPUT,
         help=f"where to save the PNG; with --batch-size above 1 the images are numbered: "
         f"out.png -> out_1.png, out_2.png, ... Its folder is created if missing. Default: {DEFAULT_OUTPUT}.",
+    )
+    p.add_argument(
+        "--from-png", metavar="IMAGE.png", default=None,
+        help="regenerate from the parameters stored in a PNG written by this program (prompt, negative "
+        "prompt, seed, steps, guidance, scheduler, size, model, attention); options given on the command "
+        "line override them. What is used is printed.",
+    )
+    p.add_argument(
+        "--grid", action="store_true",
+        help="also save a contact sheet of all the images as <output stem>_grid.png.",
     )
     p.add_argument(
         "--temperature", metavar="T", default="1.0",
@@ -267,11 +282,56 @@ def _validate_editing(parser, args):
         args.outpaint = parse_outpaint(parser, args.outpaint)
 
 
-def validate(parser, args):
+# PNG parameter -> command-line destination, for --from-png.
+FROM_PNG = {
+    "prompt": "prompt", "negative_prompt": "negative_prompt", "seed": "seed", "steps": "steps",
+    "guidance": "guidance", "sampler": "scheduler", "width": "width", "height": "height", "model": "model",
+    "attention": "attention", "temperature": "temperature",
+}
+
+
+def apply_png_parameters(parser, args, argv):
+    """Fill the options not given on the command line from the PNG's parameters (exit 2 when
+    the file is unreadable or holds none); returns {option: value} of what was taken."""
+    from diffusion_tf.png_info import read_parameters
+
+    path = args.from_png
+    try:
+        params = read_parameters(path)
+    except FileNotFoundError:
+        parser.error(f"--from-png {path}: no such file")
+    except (OSError, ValueError, SyntaxError) as e:
+        parser.error(f"--from-png {path}: not a readable PNG ({_one_line(e)})")
+    if not params:
+        parser.error(f"--from-png {path}: the image holds no generation parameters (no 'parameters' text chunk)")
+    if params.get("denoising_strength") is not None and args.init_image is None:
+        parser.error(f"--from-png {path}: the image was made from an input image (strength "
+                     f"{params['denoising_strength']}); pass that image with --init-image")
+    given = {a.split("=", 1)[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
+    used = {}
+    for key, dest in FROM_PNG.items():
+        option = "--" + dest.replace("_", "-")
+        if params.get(key) is None or option in given:
+            continue
+        value = params[key]
+        setattr(args, dest, value if dest in ("prompt", "negative_prompt", "model", "scheduler", "attention")
+                else str(value))
+        used[option] = value
+    if args.attention is not None and args.attention not in ("standard", "linear"):
+        parser.error(f"--from-png {path}: attention {args.attention!r} in the PNG; allowed: standard, linear")
+    return used
+
+
+def validate(parser, args, argv=None):
     """Check and convert the plain argument values in place (exit 2 on the first bad one)."""
-    args.steps = _int(parser, "--steps", args.steps, 1, MAX_STEPS)
+    args.from_png_used = apply_png_parameters(parser, args, argv) if args.from_png else None
+    if args.prompt is None:
+        parser.error("--prompt is required (or --from-png IMAGE.png)")
+    if args.steps is not None:
+        args.steps = _int(parser, "--steps", args.steps, 1, MAX_STEPS)
     args.batch_size = _int(parser, "--batch-size", args.batch_size, 1)
-    args.guidance = _float(parser, "--guidance", args.guidance, 0)
+    if args.guidance is not None:
+        args.guidance = _float(parser, "--guidance", args.guidance, 0)
     args.temperature = _float(parser, "--temperature", args.temperature, 0)
     args.height = _size(parser, "--height", args.height)
     args.width = _size(parser, "--width", args.width)
@@ -279,9 +339,10 @@ def validate(parser, args):
         args.seed = _int(parser, "--seed", args.seed, 0, MAX_SEED)
     if not args.output.lower().endswith(".png") or os.path.basename(args.output)[:-4] in ("", "."):
         parser.error(f"--output {args.output}: must be a file name ending in .png")
-    if not args.model:
+    if args.model is not None and not args.model:
         parser.error("--model: must be a model folder or a preset name")
-    args.scheduler = _check_scheduler(parser, args.scheduler)
+    if args.scheduler is not None:
+        args.scheduler = _check_scheduler(parser, args.scheduler)
     _validate_editing(parser, args)
     return args
 
@@ -294,8 +355,34 @@ def output_paths(output, count):
     return [f"{stem}_{i}{ext}" for i in range(1, count + 1)]
 
 
+def grid_output_path(output):
+    stem, ext = os.path.splitext(output)
+    return f"{stem}_grid{ext}"
+
+
+def contact_sheet(images, gap=2):
+    """The images (uint8 [N, H, W, 3], one size) tiled in a near-square grid, white gaps."""
+    import numpy as np
+
+    images = np.asarray(images)
+    n, h, w, _ = images.shape
+    cols = int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    sheet = np.full((rows * h + (rows + 1) * gap, cols * w + (cols + 1) * gap, 3), 255, np.uint8)
+    for k, image in enumerate(images):
+        r, c = divmod(k, cols)
+        y, x = gap + r * (h + gap), gap + c * (w + gap)
+        sheet[y:y + h, x:x + w] = image
+    return sheet
+
+
 def model_name(model):
-    """The model's name for the PNG parameters: the preset name, or the folder's name."""
+    """The model's name for the PNG parameters: the preset name, "shapes" for the built-in
+    model, or the folder's name."""
+    from diffusion_tf.presets import builtin_folder
+
+    if os.path.normpath(os.path.abspath(model)) == os.path.normpath(builtin_folder()):
+        return BUILTIN_MODEL
     return os.path.basename(os.path.normpath(model)) or model
 
 
@@ -347,7 +434,7 @@ def _one_line(message):
 def main(argv=None):
     """Run the command line; returns the exit code (0 ok, 1 write error, 2 bad input, 130 interrupted)."""
     parser = build_parser()
-    args = validate(parser, parser.parse_args(argv))
+    args = validate(parser, parser.parse_args(argv), argv)
     prog = parser.prog
     err = sys.stderr
     paths = output_paths(args.output, args.batch_size)
@@ -369,7 +456,10 @@ def main(argv=None):
         from diffusion_tf.png_info import save_png
         from diffusion_tf.text2image import Text2Image
 
-        err.write(f"loading model {args.model} ...\n")
+        if args.from_png_used is not None:
+            err.write(f"parameters from {args.from_png}: "
+                      + ", ".join(f"{k} {v!r}" for k, v in args.from_png_used.items()) + "\n")
+        err.write(f"loading model {args.model or '(default)'} ...\n")
         err.flush()
         try:
             t2i = Text2Image(
@@ -383,7 +473,11 @@ def main(argv=None):
         except OSError as e:  # an unreadable file of the model folder (ValueErrors: below)
             err.write(f"{prog}: error: cannot load model {args.model}: {_one_line(e)}\n")
             return EXIT_USAGE
-        name = model_name(args.model)
+        name = model_name(args.model or t2i.model_path)
+        if args.steps is None:
+            args.steps = t2i.defaults["num_steps"]
+        if args.guidance is None:
+            args.guidance = t2i.defaults["guidance"]
         source = t2i.config.get("source") if isinstance(t2i.config, dict) else None
         err.write(
             f"model {name} ({t2i.model_path}"
@@ -425,7 +519,7 @@ def main(argv=None):
                 "width": int(image.shape[1]),
                 "height": int(image.shape[0]),
                 "model": name,
-                "attention": args.attention,
+                "attention": t2i.attention,
                 "temperature": args.temperature if args.temperature != 1.0 else None,
                 "denoising_strength": (1.0 if args.outpaint else args.strength) if args.init_image else None,
                 "mask": "yes" if args.mask else None,
@@ -448,6 +542,14 @@ def main(argv=None):
             bar.close()
         err.write(f"{prog}: error: {_one_line(e)}\n")
         return EXIT_USAGE
+    if args.grid:
+        grid_path = grid_output_path(args.output)
+        try:
+            save_png(grid_path, contact_sheet(images), None)
+        except OSError as e:
+            err.write(f"{prog}: error: cannot write {grid_path}: {e.strerror or e}\n")
+            return 1
+        paths = paths + [grid_path]
     for path in paths:
         print(path)
     return 0

@@ -42,12 +42,16 @@ def load_tokenizer(folder, config):
         ) from None
 
 
-def load_folder(folder, attention="standard", dtype=None):
-    """{"config", "tokenizer", "text_encoder", "unet", "vae"} of a model folder."""
+def load_folder(folder, attention=None, dtype=None):
+    """{"config", "tokenizer", "text_encoder", "unet", "vae"} of a model folder.
+
+    `attention`: "standard" or "linear" for the UNet's self-attention; None keeps the
+    folder's own (its unet config's "attention", standard when absent).
+    """
     config = read_config(folder)
     out = {"config": config, "tokenizer": load_tokenizer(folder, config)}
     for component in BUILDERS:
-        overrides = {"attention": attention} if component == "unet" else {}
+        overrides = {"attention": attention} if component == "unet" and attention is not None else {}
         model = build_model(component, config[component], dtype, **overrides)
         load_weights(model, weights_path(folder, component))
         out[component] = model

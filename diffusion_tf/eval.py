@@ -289,13 +289,14 @@ def make_grid(images, prompts, verdicts=None, columns=10, scale=2):
     return grid
 
 
-def generate_images(prompts, model=None, steps=None, seed=0, batch=10, guidance=None, scheduler=None, log=print):
+def generate_images(prompts, model=None, steps=None, seed=0, batch=10, guidance=None, scheduler=None, log=print,
+                    jit_compile=False):
     """One 64x64 image per prompt from `diffusion_tf.Text2Image`; prompt k uses seed + k
     (batches of `batch` prompts). `model=None` uses Text2Image's default model; `steps`
     and `guidance` None use `generate`'s defaults."""
     from diffusion_tf import Text2Image  # lazy: TensorFlow only when a model runs
 
-    kwargs = {"img_height": shapes.IMAGE_SIZE, "img_width": shapes.IMAGE_SIZE}
+    kwargs = {"img_height": shapes.IMAGE_SIZE, "img_width": shapes.IMAGE_SIZE, "jit_compile": jit_compile}
     if model is not None:
         kwargs["model"] = model
     if scheduler is not None:
@@ -365,6 +366,7 @@ def build_parser():
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: Text2Image.generate's default)")
     p.add_argument("--scheduler", default=None, help="scheduler name (default: Text2Image's)")
+    p.add_argument("--jit-compile", action="store_true", help="compile the generation with XLA")
     p.add_argument("--batch", type=_positive_int, default=10, help="prompts per generate call (default 10)")
     p.add_argument("--out", default=None, help="write the JSON report here")
     p.add_argument("--grid", default=None, help="write a grid PNG of the images with their prompts here")
@@ -381,7 +383,7 @@ def main(argv=None):
         prompts = shapes.sample_prompts(args.n, args.seed)
         images = generate_images(prompts, model=args.model, steps=args.steps, seed=args.seed,
                                  batch=args.batch, guidance=args.guidance, scheduler=args.scheduler,
-                                 log=lambda msg: print(msg, file=sys.stderr))
+                                 log=lambda msg: print(msg, file=sys.stderr), jit_compile=args.jit_compile)
         source = "model"
     verdicts = [judge(img, prompt) for img, prompt in zip(images, prompts)]
     scores = score(verdicts)
@@ -410,12 +412,16 @@ def main(argv=None):
         }
         folder = os.path.dirname(os.path.abspath(args.out))
         os.makedirs(folder, exist_ok=True)
-        with open(args.out, "w") as f:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
             json.dump(report, f, indent=1)
+        os.replace(tmp, args.out)
         print(f"wrote {args.out}")
     if args.grid:
         os.makedirs(os.path.dirname(os.path.abspath(args.grid)), exist_ok=True)
-        make_grid(images, prompts, verdicts, columns=args.columns).save(args.grid)
+        tmp = args.grid + ".tmp"
+        make_grid(images, prompts, verdicts, columns=args.columns).save(tmp, format="PNG")
+        os.replace(tmp, args.grid)
         print(f"wrote {args.grid}")
     return 0
 

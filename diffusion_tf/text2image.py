@@ -1,6 +1,7 @@
 """Text2Image: prompt -> image with Stable Diffusion, the whole loop in one compiled function."""
 
 import os
+import sys
 import warnings
 
 import numpy as np
@@ -47,58 +48,102 @@ def _prompt_list(prompt, name="prompt"):
     raise ValueError(f"{name}={prompt!r}; must be a str or a non-empty list of str.")
 
 
-def resolve_model(model, download=True):
-    """A model folder path from a folder or a preset name."""
+def resolve_model(model, download=True, log=None):
+    """A model folder path from a folder, a preset name, "shapes" (the built-in model) or
+    None (the default: `presets.default_model()`, whose one-line note goes to `log`)."""
+    from diffusion_tf import presets
+
+    if model is None:
+        folder, note = presets.default_model()
+        if log is not None:
+            log(note)
+        return folder
     if not isinstance(model, (str, os.PathLike)):
-        raise ValueError(f"model={model!r}; must be a model folder or a preset name.")
+        raise ValueError(f"model={model!r}; must be a model folder, a preset name or None (the default).")
     model = os.fspath(model)
     if os.path.isdir(model):
         return model
-    from diffusion_tf import presets
-
+    if model == presets.BUILTIN_MODEL:
+        return presets.builtin_folder()
     if model in presets.list_presets():
         return presets.ensure_preset(model, download=download)
     raise ValueError(
         f"model={model!r} is neither a model folder nor a preset; presets: "
-        f"{', '.join(presets.list_presets())} (or convert a checkpoint with "
+        f"{', '.join([presets.BUILTIN_MODEL] + presets.list_presets())} (or convert a checkpoint with "
         "`python -m weights_port SRC DST` and pass model=DST)."
     )
+
+
+def _stderr_line(line):
+    print(line, file=sys.stderr, flush=True)
+
+
+# Generation defaults, unless a model folder's config.json has a "defaults" section.
+DEFAULTS = {"num_steps": 50, "guidance": 7.5, "scheduler": "ddim"}
+
+
+def _folder_defaults(config, folder):
+    """The validated "defaults" section of a model folder's config ({} when absent)."""
+    d = config.get("defaults", {})
+    where = f"{os.path.join(folder, 'config.json')!r}: defaults"
+    if not isinstance(d, dict) or set(d) - set(DEFAULTS):
+        raise ValueError(f"{where}={d!r}; must be an object with keys among {sorted(DEFAULTS)}.")
+    if "num_steps" in d and (isinstance(d["num_steps"], bool) or not isinstance(d["num_steps"], int)
+                             or d["num_steps"] < 1):
+        raise ValueError(f"{where}.num_steps={d['num_steps']!r}; must be an integer >= 1.")
+    if "guidance" in d and (isinstance(d["guidance"], bool) or not isinstance(d["guidance"], (int, float))
+                            or d["guidance"] < 0):
+        raise ValueError(f"{where}.guidance={d['guidance']!r}; must be a number >= 0.")
+    if "scheduler" in d:
+        _check_scheduler_name(d["scheduler"])
+    return d
 
 
 class Text2Image:
     """Stable Diffusion text-to-image.
 
     Args:
-        model: a folder written by `weights_port`, or a preset name ("sd-v1-5",
-            "sd-v2-1-base", "sd-v2-1"; downloaded and converted once if missing).
+        model: a folder written by `weights_port` or `diffusion_tf.train`, a preset name
+            ("sd-v1-5", "sd-v2-1-base", "sd-v2-1"; downloaded and converted once if
+            missing), "shapes" (the built-in model), or None (the default): Stable
+            Diffusion v1.5 if it is already cached, else "shapes"; a line on stderr says
+            which.
         img_height, img_width: output size in pixels, multiples of 8; default:
             the model's native size (512 for SD 1.x, 768 for SD 2.1).
         jit_compile: compile the generation with XLA (else a TensorFlow graph).
         attention: "standard" (softmax) or "linear" (LinearAttention in the UNet's
-            self-attention; an approximation with softmax-trained weights).
+            self-attention; an approximation with softmax-trained weights); None (the
+            default): the model's own (linear for "shapes", standard for Stable Diffusion).
         scheduler: a name from `diffusion_tf.schedulers.NAMES` ("ddim", "dpm++2m-karras",
-            "euler_a", ...), built with the model folder's scheduler config.
+            "euler_a", ...), built with the model folder's scheduler config; None: the
+            model folder's default ("ddim" unless its config.json says otherwise).
         dtype: Keras dtype policy of the networks (default float32).
     """
 
     def __init__(
         self,
-        model="sd-v1-5",
+        model=None,
         img_height=None,
         img_width=None,
         jit_compile=False,
-        attention="standard",
-        scheduler="ddim",
+        attention=None,
+        scheduler=None,
         dtype=None,
         download=True,
     ):
-        if attention not in ATTENTION_TYPES:
-            raise ValueError(f"attention={attention!r}; allowed: {sorted(ATTENTION_TYPES)}.")
-        _check_scheduler_name(scheduler)
+        if attention is not None and attention not in ATTENTION_TYPES:
+            raise ValueError(f"attention={attention!r}; allowed: {sorted(ATTENTION_TYPES)} or None.")
+        if scheduler is not None:
+            _check_scheduler_name(scheduler)
         check_size(img_height, img_width)
-        self.model_path = resolve_model(model, download)
+        self.model_path = resolve_model(model, download, log=_stderr_line)
         parts = load_folder(self.model_path, attention=attention, dtype=dtype)
         self.config = parts["config"]
+        # Generation defaults of the model folder ("defaults" in its config.json).
+        self.defaults = dict(DEFAULTS)
+        self.defaults.update(_folder_defaults(self.config, self.model_path))
+        if scheduler is None:
+            scheduler = self.defaults["scheduler"]
         self.tokenizer = parts["tokenizer"]
         self.text_encoder = parts["text_encoder"]
         self.unet = parts["unet"]
@@ -110,7 +155,7 @@ class Text2Image:
         self.img_width = img_width if img_width is not None else (img_height or native)
         check_size(self.img_height, self.img_width)
         self.jit_compile = bool(jit_compile)
-        self.attention = attention
+        self.attention = self.unet.attention
         self.last_seeds = None
         self._functions = {}
 
@@ -250,8 +295,8 @@ class Text2Image:
         self,
         prompt,
         negative_prompt=None,
-        num_steps=50,
-        unconditional_guidance_scale=7.5,
+        num_steps=None,
+        unconditional_guidance_scale=None,
         temperature=1.0,
         batch_size=1,
         seed=None,
@@ -277,7 +322,9 @@ class Text2Image:
         2 * num_steps - 1 for Heun, num_steps + 1 for PNDM; fewer when editing with
         strength < 1); the loop then runs step by step on the host.
         `scheduler`: a scheduler name for this call only (e.g. "dpm++2m-karras"; default:
-        the constructor's).
+        the constructor's). `num_steps` and `unconditional_guidance_scale` default to the
+        model's (`self.defaults`: 50 and 7.5 unless the model folder's config.json says
+        otherwise; the built-in shapes model has its own).
 
         Editing (see `diffusion_tf.editing` for every choice): `init_image` (path, PIL image
         or uint8 array; its size, cropped to a multiple of 8, is the output size) with
@@ -289,9 +336,13 @@ class Text2Image:
         """
         sched = self.scheduler if scheduler is None else self.get_scheduler(scheduler)
         prompts = _prompt_list(prompt)
+        if num_steps is None:
+            num_steps = self.defaults["num_steps"]
         num_steps = _check_int("num_steps", num_steps, 1, MAX_STEPS)
         batch_size = _check_int("batch_size", batch_size, 1)
         guidance = unconditional_guidance_scale
+        if guidance is None:
+            guidance = self.defaults["guidance"]
         if isinstance(guidance, bool) or not isinstance(guidance, (int, float, np.number)) or not np.isfinite(guidance) or guidance < 0:
             raise ValueError(
                 f"unconditional_guidance_scale={guidance!r}; must be a finite number >= 0."

@@ -270,7 +270,7 @@ def test_files_equal_text2image_generate(real_run, tiny_model):
     t2i, args, kwargs = made[1]
     assert args == ()
     assert kwargs == dict(model=tiny_model, img_height=64, img_width=64, jit_compile=False,
-                          attention="standard", scheduler="ddim")
+                          attention=None, scheduler=None)
     # The plain library call (the fused loop, no callback), as a user writes it.
     images = t2i.generate(PROMPT, negative_prompt=NEGATIVE, num_steps=3, unconditional_guidance_scale=7.5,
                           batch_size=2, seed=5)
@@ -284,14 +284,21 @@ class FakeText2Image:
 
     fail_at_step = None
 
+    calls = []
+
     def __init__(self, model, img_height=None, img_width=None, **kwargs):
+        FakeText2Image.calls.append(("init", dict(model=model, img_height=img_height, img_width=img_width, **kwargs)))
         self.model_path = model
         self.config = {"source": "fake"}
         self.img_height, self.img_width = img_height or 16, img_width or 16
         self.scheduler = type("S", (), {"name": "ddim"})()
+        self.defaults = {"num_steps": 50, "guidance": 7.5, "scheduler": "ddim"}
+        self.attention = "standard"
         self.last_seeds = None
 
     def generate(self, prompt, batch_size=1, seed=0, num_steps=1, callback=None, **kwargs):
+        FakeText2Image.calls.append(("generate", dict(prompt=prompt, batch_size=batch_size, seed=seed,
+                                                      num_steps=num_steps, **kwargs)))
         self.last_seeds = [seed + i for i in range(batch_size)]
         for i in range(num_steps):
             if i == self.fail_at_step:
@@ -306,6 +313,7 @@ def fake(monkeypatch, tmp_path):
 
     monkeypatch.setattr(diffusion_tf.text2image, "Text2Image", FakeText2Image)
     monkeypatch.setattr(FakeText2Image, "fail_at_step", None)
+    monkeypatch.setattr(FakeText2Image, "calls", [])
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -369,3 +377,69 @@ def test_output_paths_and_progress_bar():
     lines = stream.getvalue().splitlines()
     assert lines[0].startswith("step 1/4 [=>        ] ") and lines[0].endswith(" s/it")
     assert lines[-1].startswith("step 4/4 [==========] ")
+
+
+# ---------------------------------------------------------------- --from-png and --grid
+def test_from_png_regenerates_with_the_stored_parameters(fake):
+    from diffusion_tf.png_info import save_png
+
+    params = {"prompt": "a red circle", "negative_prompt": "blue", "steps": 7, "sampler": "euler",
+              "guidance": 3.5, "seed": 42, "width": 24, "height": 16, "model": "m", "attention": "linear"}
+    save_png(fake / "src.png", np.zeros((16, 24, 3), np.uint8), params)
+    code, out, err = run_cli(["--from-png", "src.png", "--output", "again.png"])
+    assert code == 0, err
+    assert "parameters from src.png:" in err and "--seed 42" in err and "--prompt 'a red circle'" in err
+    (_, init), (_, gen) = FakeText2Image.calls
+    assert init["model"] == "m" and (init["img_width"], init["img_height"]) == (24, 16)
+    assert init["attention"] == "linear" and init["scheduler"] == "euler"
+    assert gen["prompt"] == "a red circle" and gen["negative_prompt"] == "blue"
+    assert gen["seed"] == 42 and gen["num_steps"] == 7 and gen["unconditional_guidance_scale"] == 3.5
+
+
+def test_from_png_command_line_overrides(fake):
+    from diffusion_tf.png_info import save_png
+
+    save_png(fake / "src.png", np.zeros((8, 8, 3), np.uint8), {"prompt": "p", "seed": 1, "steps": 3, "model": "m"})
+    code, _, err = run_cli(["--from-png", "src.png", "--seed", "9", "--prompt", "q"])
+    assert code == 0, err
+    gen = FakeText2Image.calls[-1][1]
+    assert gen["seed"] == 9 and gen["prompt"] == "q" and gen["num_steps"] == 3
+
+
+@pytest.mark.parametrize("case", ["no parameters", "missing", "not a png", "img2img"])
+def test_from_png_bad_input_exits_2(fake, case):
+    from diffusion_tf.png_info import save_png
+
+    if case == "no parameters":
+        save_png(fake / "src.png", np.zeros((8, 8, 3), np.uint8), None)
+        expected = "holds no generation parameters"
+    elif case == "not a png":
+        (fake / "src.png").write_bytes(b"not an image at all")
+        expected = "not a readable PNG"
+    elif case == "img2img":
+        save_png(fake / "src.png", np.zeros((8, 8, 3), np.uint8), {"prompt": "p", "denoising_strength": 0.5})
+        expected = "--init-image"
+    else:
+        expected = "no such file"
+    code, out, err = run_cli(["--from-png", "src.png"])
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert len(error_lines(err)) == 1 and expected in err and "src.png" in err, err
+    assert FakeText2Image.calls == []
+
+
+def test_prompt_required_without_from_png(fake):
+    code, _, err = run_cli(["--model", "m"])
+    assert code == 2 and "--prompt is required" in err
+
+
+def test_grid_writes_a_contact_sheet(fake):
+    code, out, err = run_cli(["--prompt", "x", "--model", "m", "--steps", "1", "--batch-size", "3",
+                              "--height", "16", "--width", "24", "--grid", "--output", "g.png"])
+    assert code == 0, err
+    assert out.split() == ["g_1.png", "g_2.png", "g_3.png", "g_grid.png"]
+    with Image.open(fake / "g_grid.png") as im:
+        # 3 images -> 2 columns x 2 rows, 2-pixel gaps
+        assert im.size == (2 * 24 + 3 * 2, 2 * 16 + 3 * 2)
+        sheet = np.asarray(im)
+    assert (sheet[2:18, 2:26] == 0).all() and (sheet[0] == 255).all()
+    assert (sheet[20:36, 28:52] == 255).all()  # the empty fourth cell

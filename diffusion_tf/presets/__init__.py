@@ -11,6 +11,12 @@ downloading and converting the checkpoint the first time only:
 `<cache>` is `$DIFFUSION_TF_HOME`, else `~/.cache/diffusion_tf`. Files under
 `<cache>/downloads` are not needed once the model folder exists.
 
+One model ships inside the package and needs no download: "shapes", a small
+text-to-image model trained from scratch on the captioned shapes
+(`python -m diffusion_tf.train`). `default_model()` picks what `Text2Image()` and
+`text2image.py` run without a model: Stable Diffusion v1.5 when its converted
+folder is already cached, else "shapes".
+
 Importing this module imports neither TensorFlow nor Keras.
 """
 
@@ -20,8 +26,12 @@ import json
 import os
 
 __all__ = [
+    "BUILTIN_MODEL",
+    "DEFAULT_PRESET",
     "PresetUnavailableError",
+    "builtin_folder",
     "cache_dir",
+    "default_model",
     "ensure_preset",
     "get_preset",
     "is_cached",
@@ -33,6 +43,32 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 # The layout of a model folder (see diffusion_tf/model_folder.py).
 _CONFIG_FILE = "config.json"
 _WEIGHT_FILES = ("text_encoder.weights.h5", "unet.weights.h5", "vae.weights.h5")
+
+
+# The model shipped in the package (package data), and the preset preferred when cached.
+BUILTIN_MODEL = "shapes"
+DEFAULT_PRESET = "sd-v1-5"
+_BUILTIN_FOLDER = os.path.join(os.path.dirname(_HERE), "data", "shapes_model")
+
+
+def builtin_folder():
+    """The model folder of the built-in "shapes" model (inside the installed package)."""
+    return _BUILTIN_FOLDER
+
+
+def default_model():
+    """(model folder, one-line message): the cached Stable Diffusion v1.5, else the built-in model.
+
+    Never downloads anything.
+    """
+    if is_cached(DEFAULT_PRESET):
+        folder = preset_folder(DEFAULT_PRESET)
+        return folder, f"diffusion_tf: model {DEFAULT_PRESET} (Stable Diffusion v1.5, cached in {folder})"
+    return _BUILTIN_FOLDER, (
+        f"diffusion_tf: model {BUILTIN_MODEL} (built in: 64x64 captioned shapes, e.g. \"a red circle on a blue "
+        f"background\"); for Stable Diffusion v1.5 pass --model {DEFAULT_PRESET} (model=\"{DEFAULT_PRESET}\"), "
+        "which downloads and converts it once (about 4 GB)"
+    )
 
 
 class PresetUnavailableError(ValueError):
