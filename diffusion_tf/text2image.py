@@ -276,7 +276,7 @@ class Text2Image:
 
             steps = ops.shape(tables["model_timesteps"])[0]
             latents, _ = ops.fori_loop(start, steps, body, (latents, scheduler.init_state(latents)))
-            return self.decode(latents)
+            return self.decode(latents), latents
 
         # keyed by the scheduler object itself (kept alive by the key, so never confused)
         return self._compiled(("generate", use_guidance, scheduler, mode), generate)
@@ -421,7 +421,7 @@ class Text2Image:
             seed=tf.constant(seed, "int64"),
         )
         if callback is None:
-            images = self._generate_fn(use_guidance, sched, mode)(
+            images, latents = self._generate_fn(use_guidance, sched, mode)(
                 args["cond_ids"], args["uncond_ids"], latents,
                 tables, args["guidance"], args["temperature"], args["seed"],
                 tf.constant(start, "int32"), cond,
@@ -440,10 +440,49 @@ class Text2Image:
                 )
                 callback(k, run, t.item())
             images = self._compiled("decode", self.decode)(latents)
+        images = self._finite_images(images, latents)
         images = to_uint8(images)
         if edit is not None and edit.mask is not None and paste_back:
             images = editing.paste_back(images, edit.image, edit.mask)
         return images
+
+    def _finite_images(self, images, latents):
+        """The decoded images, checked: a NaN or Inf (half precision overflowing) never becomes
+        a silently black image. Finite latents with a non-float32 VAE are decoded again by a
+        float32 copy of the VAE (with a warning); anything else raises NonFiniteOutputError."""
+        images = np.asarray(images, "float32")
+        if np.all(np.isfinite(images)):
+            return images
+        latents = np.asarray(latents, "float32")
+        if not np.all(np.isfinite(latents)):
+            raise NonFiniteOutputError(
+                "the denoising loop produced NaN or Inf latents (the UNet overflowed"
+                + ("" if self.unet.compute_dtype == "float32" else f" in {self.unet.compute_dtype}")
+                + "); nothing was saved. Try dtype=None (float32), fewer steps or a lower guidance scale."
+            )
+        if self.vae.compute_dtype == "float32":
+            raise NonFiniteOutputError(
+                "the VAE decoder produced NaN or Inf pixels in float32 (corrupt VAE weights?); nothing was saved."
+            )
+        warnings.warn(
+            f"the VAE decoder overflowed in {self.vae.compute_dtype} (NaN or Inf pixels); decoding again in float32.",
+            stacklevel=3,
+        )
+        images = np.asarray(self._float32_vae().decode(latents / self.vae.scaling_factor), "float32")
+        if not np.all(np.isfinite(images)):
+            raise NonFiniteOutputError("the VAE decoder produced NaN or Inf pixels even in float32; nothing was saved.")
+        return images
+
+    def _float32_vae(self):
+        """A float32 copy of the VAE (built once, on the first overflow)."""
+        if getattr(self, "_vae32", None) is None:
+            from diffusion_tf.components import build_model
+
+            vae = build_model("vae", self.config["vae"], "float32")
+            for target, source in zip(vae.weights, self.vae.weights):
+                target.assign(ops.cast(source, "float32"))
+            self._vae32 = vae
+        return self._vae32
 
     def _inpaint_inputs(self, image, mask, batch):
         """{"extra": [B, h, w, 1 + 4]}: the latent mask and the masked-image latents of a
@@ -456,6 +495,10 @@ class Text2Image:
         return {"extra": tf.tile(extra, [batch, 1, 1, 1])}
 
 
+class NonFiniteOutputError(ValueError):
+    """A generation produced NaN or Inf values that could not be recovered; no image is returned."""
+
+
 def _check_scheduler_name(name):
     if not isinstance(name, str) or name not in schedulers.NAMES:
         raise ValueError(f"scheduler={name!r}; allowed: {', '.join(schedulers.NAMES)}.")
@@ -465,6 +508,5 @@ def to_uint8(images):
     """Decoder output in about [-1, 1] -> uint8, as diffusers: round(clip(x / 2 + 0.5) * 255)."""
     images = np.asarray(images, dtype="float32")
     if not np.all(np.isfinite(images)):
-        warnings.warn("the decoded image contains NaN or Inf values; they are saved as 0.")
-        images = np.nan_to_num(images, nan=-1.0, posinf=1.0, neginf=-1.0)
+        raise NonFiniteOutputError("the decoded image contains NaN or Inf values.")
     return (np.clip(images / 2 + 0.5, 0, 1) * 255).round().astype("uint8")

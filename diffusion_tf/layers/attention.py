@@ -16,7 +16,7 @@ def scaled_dot_product_attention(q, k, v, scale, mask=None):
     k = ops.cast(k, "float32")
     scores = ops.einsum("bqhd,bkhd->bhqk", q, k) * scale
     if mask is not None:
-        scores = scores + mask
+        scores = scores + ops.cast(mask, "float32")
     probs = ops.cast(ops.softmax(scores, axis=-1), dtype)
     return ops.einsum("bhqk,bkhd->bqhd", probs, v)
 
