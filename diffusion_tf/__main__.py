@@ -52,7 +52,8 @@ def collect(devices=True):
         cached = presets.is_cached(name)
         info["presets"][name] = {"cached": cached, "folder": folder, "bytes": _folder_bytes(folder) if cached else 0}
     default_folder, _ = presets.default_model()
-    info["default_model"] = presets.DEFAULT_PRESET if default_folder != presets.builtin_folder() else presets.BUILTIN_MODEL
+    info["builtin_model"]["installed"] = presets.builtin_available()
+    info["default_model"] = presets.BUILTIN_MODEL if default_folder == presets.builtin_folder() else presets.DEFAULT_PRESET
     if devices:
         import keras
         import tensorflow as tf
@@ -78,7 +79,8 @@ def format_info(info):
     c = info["cache"]
     lines.append(f"weights cache: {c['folder']} (set by {c['set_by']}); free disk there: {_size(c['free_bytes'])}")
     b = info["builtin_model"]
-    lines.append(f"built-in model: {b['name']} ({_size(b['bytes'])}, {b['folder']})")
+    lines.append(f"built-in model: {b['name']} " + (f"({_size(b['bytes'])}, {b['folder']})" if b["installed"]
+                                                    else "(not installed in this checkout)"))
     lines.append("presets:")
     for name, p in info["presets"].items():
         state = f"cached, {_size(p['bytes'])}" if p["cached"] else "not downloaded"

@@ -290,18 +290,22 @@ def make_grid(images, prompts, verdicts=None, columns=10, scale=2):
 
 
 def generate_images(prompts, model=None, steps=None, seed=0, batch=10, guidance=None, scheduler=None, log=print,
-                    jit_compile=False):
+                    jit_compile=False, pipeline=None):
     """One 64x64 image per prompt from `diffusion_tf.Text2Image`; prompt k uses seed + k
     (batches of `batch` prompts). `model=None` uses Text2Image's default model; `steps`
-    and `guidance` None use `generate`'s defaults."""
-    from diffusion_tf import Text2Image  # lazy: TensorFlow only when a model runs
+    and `guidance` None use `generate`'s defaults. `pipeline`: a Text2Image to use
+    instead of building one (then `model`, `scheduler` and `jit_compile` are its own)."""
+    if pipeline is not None:
+        t2i = pipeline
+    else:
+        from diffusion_tf import Text2Image  # lazy: TensorFlow only when a model runs
 
-    kwargs = {"img_height": shapes.IMAGE_SIZE, "img_width": shapes.IMAGE_SIZE, "jit_compile": jit_compile}
-    if model is not None:
-        kwargs["model"] = model
-    if scheduler is not None:
-        kwargs["scheduler"] = scheduler
-    t2i = Text2Image(**kwargs)
+        kwargs = {"img_height": shapes.IMAGE_SIZE, "img_width": shapes.IMAGE_SIZE, "jit_compile": jit_compile}
+        if model is not None:
+            kwargs["model"] = model
+        if scheduler is not None:
+            kwargs["scheduler"] = scheduler
+        t2i = Text2Image(**kwargs)
     options = {}
     if steps is not None:
         options["num_steps"] = steps

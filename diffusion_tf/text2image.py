@@ -54,16 +54,23 @@ def resolve_model(model, download=True, log=None):
     from diffusion_tf import presets
 
     if model is None:
-        folder, note = presets.default_model()
+        model, note = presets.default_model()
         if log is not None:
             log(note)
-        return folder
+        if model == presets.DEFAULT_PRESET:
+            return presets.ensure_preset(model, download=download)
+        return model
     if not isinstance(model, (str, os.PathLike)):
         raise ValueError(f"model={model!r}; must be a model folder, a preset name or None (the default).")
     model = os.fspath(model)
     if os.path.isdir(model):
         return model
     if model == presets.BUILTIN_MODEL:
+        if not presets.builtin_available():
+            raise ValueError(
+                f"model={model!r}: the built-in shapes model's weights are not installed in "
+                f"{presets.builtin_folder()!r}; train one with `python -m diffusion_tf.train` and pass its folder."
+            )
         return presets.builtin_folder()
     if model in presets.list_presets():
         return presets.ensure_preset(model, download=download)

@@ -47,6 +47,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -69,9 +70,9 @@ from diffusion_tf.state_dict import named_variables
 PRESETS = {
     "small": {
         "vae": {
-            "in_channels": 3, "out_channels": 3, "block_out_channels": [32, 64, 64],
-            "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 32,
-            "sample_size": 64, "scaling_factor": 1.0, "mid_block_add_attention": True,
+            "in_channels": 3, "out_channels": 3, "block_out_channels": [16, 32, 64],
+            "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 8,
+            "sample_size": 64, "scaling_factor": 1.0, "mid_block_add_attention": False,
         },
         "text_encoder": {
             "vocab_size": 49408, "hidden_size": 64, "intermediate_size": 256,
@@ -80,15 +81,16 @@ PRESETS = {
         },
         "unet": {
             "sample_size": 16, "in_channels": 4, "out_channels": 4,
-            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-            "block_out_channels": [64, 128], "layers_per_block": 1, "norm_num_groups": 32,
-            "cross_attention_dim": 64, "attention_head_dim": 4, "attention": "linear",
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            "block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 8,
+            "cross_attention_dim": 64, "attention_head_dim": 2, "attention": "linear",
         },
         "train": {
-            "dataset_size": 20000, "ema_decay": 0.999, "warmup": 200, "kl_weight": 1e-4, "val_batches": 4,
-            "vae": {"epochs": 4, "steps": 250, "lr": 1e-3, "batch_size": 32},
-            "unet": {"epochs": 40, "steps": 250, "lr": 5e-4, "batch_size": 32},
+            "dataset_size": 10000, "ema_decay": 0.999, "warmup": 200, "kl_weight": 1e-4, "val_batches": 4,
+            "prediction": "v_prediction", "schedule": "linear",
+            "vae": {"epochs": 3, "steps": 200, "lr": 1e-3, "batch_size": 32},
+            "unet": {"epochs": 30, "steps": 300, "lr": 1e-3, "batch_size": 32},
         },
     },
     # For tests: the smallest networks that still make 64x64 images.
@@ -124,6 +126,9 @@ PREDICTIONS = ("epsilon", "v_prediction")
 # beta_start, beta_end at T = 1000 (DDPM; Stable Diffusion); scaled by 1000 / T for another T.
 BETA_RANGES = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012), "cosine": (0.0001, 0.02)}
 DEFAULT_PROMPT = "a red circle on a blue background"
+# What Text2Image and text2image.py use with a trained model unless told otherwise
+# (the "defaults" section of its config.json); chosen by `python -m diffusion_tf.eval`.
+GENERATION_DEFAULTS = {"num_steps": 25, "guidance": 4.0, "scheduler": "ddim"}
 CHECKPOINT_FORMAT = "diffusion_tf.train_checkpoint.v1"
 EXIT_USAGE = 2
 # Options that define a run: a resumed run keeps the checkpoint's values.
@@ -193,6 +198,8 @@ class TrainOptions:
     deterministic: bool = False
     weights_dtype: str = "float16"
     verbose: int = 1
+    eval_every: int = 0  # UNet stage: judge prompt adherence every N epochs (0: never)
+    eval_prompts: int = 50
 
     def canonical(self):
         """A copy where epochs/steps/lr/batch_size always mean the UNet stage's: with
@@ -212,7 +219,8 @@ class TrainOptions:
         o.config = _choice("config", "small" if o.config is None else o.config, tuple(PRESETS))
         train = PRESETS[o.config]["train"]
         defaults = dict(
-            T=1000, schedule="linear", prediction="epsilon", seed=0, cfg_drop=0.1,
+            T=1000, schedule=train.get("schedule", "linear"), prediction=train.get("prediction", "epsilon"),
+            seed=0, cfg_drop=0.1,
             dataset_size=train["dataset_size"], ema_decay=train["ema_decay"],
             warmup=train["warmup"], kl_weight=train["kl_weight"],
         )
@@ -239,6 +247,8 @@ class TrainOptions:
         _int("gif_steps", o.gif_steps, 1)
         _int("devices", o.devices, 0)
         _int("verbose", o.verbose, 0)
+        _int("eval_every", o.eval_every, 0)
+        _int("eval_prompts", o.eval_prompts, 1)
         _float("ema_decay", o.ema_decay, 0, 1, high_open=True)
         _float("kl_weight", o.kl_weight, 0, 1)
         _float("cfg_drop", o.cfg_drop, 0, 1)
@@ -719,6 +729,16 @@ class _StageCallback(keras.callbacks.Callback):
         self.history["epoch_loss"].append(float(logs["loss"]))
         if "val_loss" in logs:
             self.history["val_loss"].append(float(logs["val_loss"]))
+        every = self.run.o.eval_every
+        if self.stage == "unet" and every and (epoch + 1) % every == 0:
+            t0 = time.time()
+            scores = self.run.adherence(self.trainer)
+            self.history["adherence"].append([epoch + 1] + [scores[k] for k in ADHERENCE_KEYS])
+            self.run.log(
+                f"[unet] epoch {epoch + 1}: prompt adherence {100 * scores['all']:.0f}% ("
+                + ", ".join(f"{k} {100 * scores[k]:.0f}%" for k in ADHERENCE_KEYS[1:])
+                + f"; {scores['n']} prompts, {time.time() - t0:.0f}s)"
+            )
         self.run.save_checkpoint(self.stage, self.trainer, epoch + 1, self.history)
 
 
@@ -738,7 +758,8 @@ def pick_strategy(devices=0):
 def _empty_history():
     # loss: every step; epoch_loss: the mean of each epoch; val_loss: the loss of a fixed
     # held-out batch (fixed noise and timesteps) before training and after every epoch.
-    return {"loss": [], "epoch_loss": [], "val_loss": [], "seconds": 0.0}
+    # adherence: rows (epoch, all, color, shape, position, background) of the --eval-every judging.
+    return {"loss": [], "epoch_loss": [], "val_loss": [], "adherence": [], "seconds": 0.0}
 
 
 def stored_history(path):
@@ -747,6 +768,7 @@ def stored_history(path):
     history = _empty_history()
     for key in ("loss", "epoch_loss", "val_loss"):
         history[key] = [float(x) for x in arrays.get(key, [])]
+    history["adherence"] = [[float(x) for x in row] for row in arrays.get("adherence", [])]
     history["seconds"] = float(meta.get("train_seconds", 0.0))
     return history
 
@@ -762,6 +784,9 @@ def models_from_checkpoint(path, configs, components, group="ema"):
 
 
 VAL_SEED_OFFSET = 1_000_003  # the held-out evaluation shapes come from seed + this
+# --eval-every draws its prompts with seed + this (not `python -m diffusion_tf.eval`'s default seed 0).
+EVAL_SEED_OFFSET = 7_000_001
+ADHERENCE_KEYS = ("all", "color", "shape", "position", "background")
 
 
 class TrainingRun:
@@ -782,6 +807,8 @@ class TrainingRun:
         self._datasets = {}
         self._extra_meta = {}
         self._extra_arrays = {}
+        self._eval_pipe = None
+        self._vae = None
 
     # -------------------------------------------------------------- data
     def dataset(self, held_out=False, n=None):
@@ -826,6 +853,7 @@ class TrainingRun:
 
     def save_checkpoint(self, stage, trainer, epoch, history):
         arrays = {f"history/{k}": np.asarray(history[k], np.float32) for k in ("loss", "epoch_loss", "val_loss")}
+        arrays["history/adherence"] = np.asarray(history["adherence"], np.float32).reshape(-1, 1 + len(ADHERENCE_KEYS))
         arrays.update(self._extra_arrays.get(stage, {}))
         write_checkpoint(checkpoint_path(self.save, stage), trainer, self._meta(stage, epoch, history), arrays)
         self.histories[stage] = history
@@ -947,6 +975,8 @@ class TrainingRun:
             self.log(f"[unet] encoded {len(images)} images to latents {means.shape[1:]} in "
                      f"{time.time() - t0:.1f}s; scaling factor {scaling:.4f}")
             self.configs["vae"]["scaling_factor"] = scaling
+            vae.scaling_factor = scaling
+            self._vae = vae
             self._extra_meta["unet"] = {"scaling_factor": scaling}
             self._extra_arrays["unet"] = {f"frozen/vae/{k}": v for k, v in _keras_state(vae).items()}
             latents = means * np.float32(scaling)
@@ -958,6 +988,8 @@ class TrainingRun:
             trainer = self._unet_trainer()
             self._fit("unet", trainer, (latents, ids), ((val_latents, val_ids), (val_t, val_noise)),
                       resume=action == "resume")
+            self._eval_pipe = None
+            shutil.rmtree(os.path.join(self.save, ".eval_model"), ignore_errors=True)
         models = models_from_checkpoint(path, self.configs, ["unet", "text_encoder"])
         vae.scaling_factor = self.configs["vae"]["scaling_factor"]
         models["vae"] = vae
@@ -983,6 +1015,30 @@ class TrainingRun:
             )
         return trainer
 
+    def adherence(self, trainer):
+        """Scores of `diffusion_tf.eval` for the trainer's EMA weights on `eval_prompts` prompts
+        (the generation defaults; one pipeline, built once, whose weights are reassigned)."""
+        from diffusion_tf import eval as judging
+        from diffusion_tf.text2image import Text2Image
+
+        if self._eval_pipe is None:
+            from diffusion_tf.model_folder import write_folder
+
+            folder = os.path.join(self.save, ".eval_model")
+            models = {"vae": self._vae, "unet": trainer.unet, "text_encoder": trainer.text_encoder}
+            write_folder(folder, self.folder_config(), models, dtype="float32", overwrite=True)
+            self._eval_pipe = Text2Image(model=folder, jit_compile=self.o.jit_compile)
+        pipe = self._eval_pipe
+        for name in ("unet", "text_encoder"):
+            model = trainer.components[name]
+            _assign_state(getattr(pipe, name), _keras_state(model, trainer.ema.average_of), f"EMA {name}")
+        prompts = shapes.sample_prompts(self.o.eval_prompts, self.o.seed + EVAL_SEED_OFFSET)
+        images = judging.generate_images(
+            prompts, seed=self.o.seed, batch=min(10, len(prompts)), log=lambda msg: None, pipeline=pipe,
+            steps=GENERATION_DEFAULTS["num_steps"], guidance=GENERATION_DEFAULTS["guidance"],
+        )
+        return judging.score([judging.judge(img, p) for img, p in zip(images, prompts)])
+
     # -------------------------------------------------------------- outputs
     def folder_config(self):
         hist = self.histories
@@ -994,10 +1050,12 @@ class TrainingRun:
             "tokenizer": {"pad_token_id": self.tokenizer.pad_token_id, "context_length": self.tokenizer.context_length},
             "source": f"diffusion_tf.train (captioned shapes, config {self.o.config!r})",
             "weights_dtype": self.o.weights_dtype,
+            "defaults": dict(GENERATION_DEFAULTS),
             "training": {
                 "options": dataclasses.asdict(self.o),
                 "train_seconds": {s: round(h["seconds"], 1) for s, h in hist.items()},
                 "held_out_loss": {s: (h["val_loss"][-1] if h["val_loss"] else None) for s, h in hist.items()},
+                "adherence": [dict(zip(("epoch",) + ADHERENCE_KEYS, row)) for row in hist.get("unet", {}).get("adherence", [])],
             },
         }
 
@@ -1290,6 +1348,8 @@ def build_parser():
     a("--run-eagerly", action="store_true", help="run the train step eagerly (debugging; no tracing)")
     a("--deterministic", action="store_true", help="tf.config.experimental.enable_op_determinism()")
     a("--weights-dtype", choices=("float16", "float32"), default="float16", help="dtype of the written model weights")
+    a("--eval-every", type=int, default=0, help="UNet stage: judge prompt adherence (diffusion_tf.eval) every N epochs; 0: never (default)")
+    a("--eval-prompts", type=int, default=50, help="prompts judged by --eval-every (default 50)")
     a("--verbose", type=int, default=1, help="Keras fit verbosity: 0 silent, 1 progress bar (default), 2 one line per epoch")
     return p
 

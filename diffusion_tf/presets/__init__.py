@@ -56,14 +56,25 @@ def builtin_folder():
     return _BUILTIN_FOLDER
 
 
-def default_model():
-    """(model folder, one-line message): the cached Stable Diffusion v1.5, else the built-in model.
+def builtin_available():
+    """True iff the built-in model's folder holds its config.json and weight files."""
+    return all(os.path.isfile(os.path.join(_BUILTIN_FOLDER, f)) for f in (_CONFIG_FILE,) + _WEIGHT_FILES)
 
-    Never downloads anything.
+
+def default_model():
+    """(model, one-line message): the cached Stable Diffusion v1.5 folder, else the built-in
+    model's folder, else (no built-in weights installed) the preset name "sd-v1-5", which
+    Text2Image downloads and converts on first use.
     """
     if is_cached(DEFAULT_PRESET):
         folder = preset_folder(DEFAULT_PRESET)
         return folder, f"diffusion_tf: model {DEFAULT_PRESET} (Stable Diffusion v1.5, cached in {folder})"
+    if not builtin_available():
+        # A checkout without the built-in weights: Stable Diffusion v1.5, downloaded on first use.
+        return DEFAULT_PRESET, (
+            f"diffusion_tf: model {DEFAULT_PRESET} (not cached: it is downloaded and converted once, about 4 GB; "
+            f"this installation has no built-in {BUILTIN_MODEL} model)"
+        )
     return _BUILTIN_FOLDER, (
         f"diffusion_tf: model {BUILTIN_MODEL} (built in: 64x64 captioned shapes, e.g. \"a red circle on a blue "
         f"background\"); for Stable Diffusion v1.5 pass --model {DEFAULT_PRESET} (model=\"{DEFAULT_PRESET}\"), "

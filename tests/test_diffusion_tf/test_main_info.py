@@ -23,13 +23,13 @@ def test_info_reports_cache_presets_and_default(tmp_path, monkeypatch, capsys):
     assert set(info["presets"]) == set(presets.list_presets())
     assert info["presets"]["sd-v2-1-base"] == {"cached": True, "folder": str(cached), "bytes": 4000}
     assert info["presets"]["sd-v1-5"]["cached"] is False
-    assert info["default_model"] == "shapes"
+    assert info["default_model"] == ("shapes" if presets.builtin_available() else "sd-v1-5")
     assert info["builtin_model"]["folder"] == presets.builtin_folder()
 
     assert cli.main(["info", "--no-devices"]) == 0
     text = capsys.readouterr().out
     assert f"weights cache: {home} (set by DIFFUSION_TF_HOME)" in text
-    assert "sd-v2-1-base   cached, 4.0 KB" in text and "default model: shapes" in text
+    assert "sd-v2-1-base   cached, 4.0 KB" in text and f"default model: {info['default_model']}" in text
 
 
 def test_info_lists_devices_in_a_fresh_process(tmp_path):

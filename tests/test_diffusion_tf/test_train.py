@@ -38,7 +38,7 @@ def trained(tmp_path_factory):
     lines = []
     result = T.train(
         save=save, stage="all", vae_epochs=2, vae_steps=2, epochs=2, steps=2, gif=True,
-        gif_steps=4, log=lines.append, **FAST,
+        gif_steps=4, eval_every=2, eval_prompts=3, log=lines.append, **FAST,
     )
     return save, result, lines
 
@@ -52,6 +52,21 @@ def test_training_lowers_the_loss(trained):
         # the loss of a fixed held-out batch (fixed noise and timesteps): before > after
         assert h["val_loss"][-1] < 0.95 * h["val_loss"][0], (stage, h["val_loss"])
     assert any("generate with: python text2image.py --model" in line for line in lines)
+
+
+def test_eval_every_judges_prompt_adherence(trained):
+    save, result, lines = trained
+    rows = result["histories"]["unet"]["adherence"]
+    assert len(rows) == 1 and rows[0][0] == 2 and len(rows[0]) == 6  # epoch, all + 4 attributes
+    assert all(0.0 <= x <= 1.0 for x in rows[0][1:])
+    assert rows[0][1] <= min(rows[0][2:])  # "all" cannot beat any single attribute
+    assert any(line.startswith("[unet] epoch 2: prompt adherence") and "3 prompts" in line for line in lines)
+    with open(os.path.join(save, "config.json")) as f:
+        stored = json.load(f)["training"]["adherence"]
+    assert [r["epoch"] for r in stored] == [2] and stored[0]["all"] == pytest.approx(rows[0][1])
+    assert not os.path.exists(os.path.join(save, ".eval_model"))  # the scratch folder is removed
+    arrays = _arrays(os.path.join(save, "checkpoints", "unet.h5"))
+    np.testing.assert_allclose(arrays["history/adherence"], np.asarray(rows, np.float32))
 
 
 def test_outputs_are_valid_images(trained):
@@ -226,6 +241,8 @@ def test_traced_resume_and_mirrored(trained, tmp_path, request):
         (dict(stage="text"), "stage='text'"),
         (dict(config="huge"), "config='huge'"),
         (dict(ema_decay=1.0), "ema_decay=1.0"),
+        (dict(eval_every=-1), "eval_every=-1"),
+        (dict(eval_prompts=0), "eval_prompts=0"),
     ],
 )
 def test_bad_options_raise_value_error(kwargs, match, tmp_path):
