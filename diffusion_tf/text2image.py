@@ -264,13 +264,15 @@ class Text2Image:
             self._functions[key] = tf.function(fn, jit_compile=self.jit_compile, reduce_retracing=True)
         return self._functions[key]
 
-    def _generate_fn(self, use_guidance, scheduler=None, mode=()):
+    def _generate_fn(self, use_guidance, scheduler=None, mode=(), size=None):
         """encode text -> fori_loop over the denoising steps -> decode, as one function.
 
         The loop carries (latents, scheduler state) and runs from index `start` (0, or
         part-way for image-to-image); the scheduler's per-step tables and the editing inputs
         `cond` come in as arguments, so another step count or strength reuses the function.
-        `mode`: the keys of `cond` (one function per kind of editing)."""
+        `mode`: the keys of `cond` (one function per kind of editing). `size`: the latents'
+        (h, w), default the pipeline's: one function per size, so that a function traced for
+        one size is never relaxed to unknown spatial dimensions by a call with another."""
         scheduler = self.scheduler if scheduler is None else scheduler
 
         def generate(cond_ids, uncond_ids, latents, tables, guidance, temperature, seed, start, cond):
@@ -286,16 +288,19 @@ class Text2Image:
             return self.decode(latents), latents
 
         # keyed by the scheduler object itself (kept alive by the key, so never confused)
-        return self._compiled(("generate", use_guidance, scheduler, mode), generate)
+        return self._compiled(("generate", use_guidance, scheduler, mode, self._size_key(size)), generate)
 
-    def _step_fn(self, use_guidance, scheduler=None, mode=()):
+    def _size_key(self, size):
+        return tuple(int(d) for d in (size if size is not None else self.latent_shape[:2]))
+
+    def _step_fn(self, use_guidance, scheduler=None, mode=(), size=None):
         scheduler = self.scheduler if scheduler is None else scheduler
 
         def step(latents, state, i, context, tables, guidance, temperature, seed, cond):
             return self._step(latents, state, i, context, tables, guidance, temperature, seed, cond,
                               use_guidance, scheduler)
 
-        return self._compiled(("step", use_guidance, scheduler, mode), step)
+        return self._compiled(("step", use_guidance, scheduler, mode, self._size_key(size)), step)
 
     # ------------------------------------------------------------ API
     def generate(
@@ -420,6 +425,7 @@ class Text2Image:
         mode = tuple(sorted(cond))
 
         use_guidance = guidance > 1.0
+        size = tuple(latents.shape[1:3])
         args = dict(
             cond_ids=tf.constant(self.tokenizer(prompts)),
             uncond_ids=tf.constant(self.tokenizer(negatives)),
@@ -428,7 +434,7 @@ class Text2Image:
             seed=tf.constant(seed, "int64"),
         )
         if callback is None:
-            images, latents = self._generate_fn(use_guidance, sched, mode)(
+            images, latents = self._generate_fn(use_guidance, sched, mode, size)(
                 args["cond_ids"], args["uncond_ids"], latents,
                 tables, args["guidance"], args["temperature"], args["seed"],
                 tf.constant(start, "int32"), cond,
@@ -437,7 +443,7 @@ class Text2Image:
             context = self._compiled(("context", use_guidance), lambda c, u: self._context(c, u, use_guidance))(
                 args["cond_ids"], args["uncond_ids"]
             )
-            step = self._step_fn(use_guidance, sched, mode)
+            step = self._step_fn(use_guidance, sched, mode, size)
             state = sched.init_state(latents)
             run = len(timesteps) - start
             for k, t in enumerate(timesteps[start:]):
@@ -446,7 +452,7 @@ class Text2Image:
                     args["guidance"], args["temperature"], args["seed"], cond,
                 )
                 callback(k, run, t.item())
-            images = self._compiled("decode", self.decode)(latents)
+            images = self._compiled(("decode", self._size_key(size)), self.decode)(latents)
         images = self._finite_images(images, latents)
         images = to_uint8(images)
         if edit is not None and edit.mask is not None and paste_back:

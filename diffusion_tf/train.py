@@ -90,7 +90,8 @@ PRESETS = {
             "dataset_size": 10000, "ema_decay": 0.999, "warmup": 200, "kl_weight": 1e-4, "val_batches": 4,
             "prediction": "v_prediction", "schedule": "linear",
             "vae": {"epochs": 3, "steps": 200, "lr": 1e-3, "batch_size": 32},
-            "unet": {"epochs": 30, "steps": 300, "lr": 1e-3, "batch_size": 32},
+            "decoder": {"epochs": 4, "steps": 250, "lr": 5e-4, "batch_size": 32},
+            "unet": {"epochs": 16, "steps": 300, "lr": 1e-3, "batch_size": 32},
         },
     },
     # For tests: the smallest networks that still make 64x64 images.
@@ -115,12 +116,15 @@ PRESETS = {
         "train": {
             "dataset_size": 64, "ema_decay": 0.999, "warmup": 0, "kl_weight": 1e-4, "val_batches": 1,
             "vae": {"epochs": 1, "steps": 4, "lr": 2e-3, "batch_size": 8},
+            "decoder": {"epochs": 1, "steps": 2, "lr": 2e-3, "batch_size": 8},
             "unet": {"epochs": 1, "steps": 4, "lr": 2e-3, "batch_size": 8},
         },
     },
 }
 
-STAGES = ("all", "vae", "unet")
+STAGES = ("all", "vae", "decoder", "unet")
+ORDER = ("vae", "decoder", "unet")  # the stages of "all", in order
+PREFIXES = {"unet": "", "vae": "vae_", "decoder": "decoder_"}
 SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 PREDICTIONS = ("epsilon", "v_prediction")
 # beta_start, beta_end at T = 1000 (DDPM; Stable Diffusion); scaled by 1000 / T for another T.
@@ -135,6 +139,7 @@ EXIT_USAGE = 2
 RUN_FIELDS = (
     "config", "T", "schedule", "prediction", "seed", "dataset_size", "ema_decay", "warmup",
     "kl_weight", "cfg_drop", "steps", "lr", "batch_size", "vae_steps", "vae_lr", "vae_batch_size",
+    "decoder_steps", "decoder_lr", "decoder_batch_size",
 )
 
 
@@ -176,6 +181,10 @@ class TrainOptions:
     vae_steps: int = None
     vae_lr: float = None
     vae_batch_size: int = None
+    decoder_epochs: int = None  # the decoder fine-tuning stage (encoder frozen)
+    decoder_steps: int = None
+    decoder_lr: float = None
+    decoder_batch_size: int = None
     T: int = None
     schedule: str = None
     prediction: str = None
@@ -205,10 +214,11 @@ class TrainOptions:
         """A copy where epochs/steps/lr/batch_size always mean the UNet stage's: with
         stage="vae" the generic ones given are the VAE's (unless its vae_* ones are given)."""
         o = copy.copy(self)
-        if o.stage == "vae":
+        if o.stage in ("vae", "decoder"):
+            prefix = PREFIXES[o.stage]
             for key in ("epochs", "steps", "lr", "batch_size"):
-                if getattr(o, "vae_" + key) is None:
-                    setattr(o, "vae_" + key, getattr(o, key))
+                if getattr(o, prefix + key) is None:
+                    setattr(o, prefix + key, getattr(o, key))
                     setattr(o, key, None)
         return o
 
@@ -228,10 +238,10 @@ class TrainOptions:
             if getattr(o, key) is None:
                 setattr(o, key, value)
         for key in ("epochs", "steps", "lr", "batch_size"):
-            for prefix, stage in (("", "unet"), ("vae_", "vae")):
+            for stage, prefix in PREFIXES.items():
                 if getattr(o, prefix + key) is None:
                     setattr(o, prefix + key, train[stage][key])
-        for prefix in ("", "vae_"):
+        for prefix in PREFIXES.values():
             _int(prefix + "epochs", getattr(o, prefix + "epochs"), 1)
             _int(prefix + "steps", getattr(o, prefix + "steps"), 1)
             _int(prefix + "batch_size", getattr(o, prefix + "batch_size"), 1)
@@ -263,7 +273,7 @@ class TrainOptions:
 
     def stage_hparams(self, stage):
         """{"epochs", "steps", "lr", "batch_size"} of `stage` ("vae" or "unet")."""
-        prefix = "vae_" if stage == "vae" else ""
+        prefix = PREFIXES[stage]
         return {k: getattr(self, prefix + k) for k in ("epochs", "steps", "lr", "batch_size")}
 
 
@@ -320,8 +330,8 @@ def plan(options):
     given = options.canonical()
     options = options.resolved()
     save = options.save
-    stages = ("vae", "unet") if options.stage == "all" else (options.stage,)
-    existing = {s: os.path.isfile(checkpoint_path(save, s)) for s in ("vae", "unet")}
+    stages = ORDER if options.stage == "all" else (options.stage,)
+    existing = {s: os.path.isfile(checkpoint_path(save, s)) for s in ORDER}
     actions = {}
     if options.resume:
         if not any(existing[s] for s in stages):
@@ -330,24 +340,26 @@ def plan(options):
                 f"({', '.join(os.path.join('checkpoints', s + '.h5') for s in stages)}); "
                 "train without --resume first."
             )
-        latest = "unet" if existing["unet"] else "vae"
+        latest = [s for s in ORDER if existing[s]][-1]
         meta = read_checkpoint_meta(checkpoint_path(save, latest))
         stored = meta["options"]
         for field in RUN_FIELDS:
             value = getattr(given, field)
-            if value is not None and value != stored[field]:
+            if value is not None and stored.get(field) is not None and value != stored[field]:
                 raise ValueError(
                     f"--resume: {field}={value!r} differs from the checkpoint's {stored[field]!r}; "
                     "a resumed run keeps its settings (only the epochs may change)."
                 )
         for field in RUN_FIELDS:
-            setattr(options, field, stored[field])
-        for field in ("epochs", "vae_epochs"):  # the totals: a resumed run may extend them
-            if getattr(given, field) is None:
+            if stored.get(field) is not None:
+                setattr(options, field, stored[field])
+        for field in ("epochs", "vae_epochs", "decoder_epochs"):  # the totals: a resumed run may extend them
+            if getattr(given, field) is None and stored.get(field) is not None:
                 setattr(options, field, stored[field])
         for stage in stages:
-            if stage == "vae" and existing["unet"] and options.stage == "all":
-                actions[stage] = "done"  # the UNet stage started: its VAE is final
+            later = ORDER[ORDER.index(stage) + 1:]
+            if stage == "vae" and options.stage == "all" and any(existing[s] for s in later):
+                actions[stage] = "done"  # a later stage started: the VAE is final
             elif existing[stage]:
                 m = read_checkpoint_meta(checkpoint_path(save, stage))
                 total = options.stage_hparams(stage)["epochs"]
@@ -362,12 +374,18 @@ def plan(options):
                 "to continue it, --overwrite to start again, or choose another --save folder."
             )
         actions = {s: "new" for s in stages}
-    if "unet" in actions and "vae" not in actions and actions["unet"] == "new" and not options.vae:
-        if not existing["vae"]:
-            raise ValueError(
-                f"--stage unet needs a trained VAE: {checkpoint_path(save, 'vae')!r} does not exist; "
-                "train it first (--stage vae) or pass --vae MODEL_FOLDER."
-            )
+    for stage in ("decoder", "unet"):
+        if stage in actions and "vae" not in actions and actions[stage] == "new" and not options.vae:
+            if not existing["vae"]:
+                raise ValueError(
+                    f"--stage {stage} needs a trained VAE: {checkpoint_path(save, 'vae')!r} does not exist; "
+                    "train it first (--stage vae) or pass --vae MODEL_FOLDER."
+                )
+    if options.stage == "decoder" and existing["unet"]:
+        # the decoder is fine-tuned after the UNet: the model folder is written again with it
+        m = read_checkpoint_meta(checkpoint_path(save, "unet"))
+        if m["epoch"] >= m["epochs"]:
+            actions["unet"] = "done"
     if options.vae is not None and not os.path.isfile(os.path.join(options.vae, "vae.weights.h5")):
         raise ValueError(f"vae={options.vae!r} is not a model folder with vae.weights.h5.")
     return options, actions
@@ -513,6 +531,49 @@ class VAETrainer(_Trainer):
     def test_step(self, data):
         images, eps = data
         self.loss_tracker.update_state(self.vae_loss(images, eps))
+        return {"loss": self.loss_tracker.result()}
+
+
+class VAEDecoderPart(keras.Model):
+    """The decoding half of an AutoencoderKL (post_quant_conv and decoder, the same layers):
+    what the decoder stage trains. Its variable names are the VAE's."""
+
+    def __init__(self, vae, **kwargs):
+        super().__init__(**kwargs)
+        self.post_quant_conv = vae.post_quant_conv
+        self.decoder = vae.decoder
+        self.built = True
+
+    def call(self, latents):  # AutoencoderKL.decode
+        return self.decoder(self.post_quant_conv(ops.cast(latents, self.post_quant_conv.compute_dtype)))
+
+
+class DecoderTrainer(_Trainer):
+    """Fine-tunes the VAE's decoder with the encoder frozen: L1(decode(mean(x)), x).
+
+    The latents are the posterior means the UNet is trained on, which do not change, so a
+    UNet trained before or after this stage stays valid. Batches are (means, uint8 images).
+    """
+
+    def __init__(self, vae, seed=0, ema_decay=0.999, **kwargs):
+        part = VAEDecoderPart(vae)
+        super().__init__({"decoder": part}, seed, ema_decay, **kwargs)
+        self.part = part
+
+    def decoder_loss(self, means, images):
+        x = ops.cast(images, "float32") / 127.5 - 1.0
+        return ops.mean(ops.abs(ops.cast(self.part(means), "float32") - x))
+
+    def train_step(self, data):
+        means, images = data
+        with tf.GradientTape() as tape:
+            loss = self.decoder_loss(means, images)
+            scaled_loss = loss / _num_replicas()
+        return self._apply(tape, loss, scaled_loss)
+
+    def test_step(self, data):
+        means, images = data
+        self.loss_tracker.update_state(self.decoder_loss(means, images))
         return {"loss": self.loss_tracker.result()}
 
 
@@ -926,7 +987,16 @@ class TrainingRun:
         self.write_reconstructions(final, val_images[:8])
         self.log(f"[vae] checkpoint: {path}")
 
-    def load_vae(self):
+    def load_vae(self, decoder=True):
+        """The trained VAE (EMA weights), with the fine-tuned decoder of checkpoints/decoder.h5
+        when there is one (and `decoder`)."""
+        vae = self._load_vae()
+        path = checkpoint_path(self.save, "decoder")
+        if decoder and os.path.isfile(path):
+            _assign_state(VAEDecoderPart(vae), read_checkpoint_arrays(path, "ema/decoder"), f"{path} [ema/decoder]")
+        return vae
+
+    def _load_vae(self):
         """The trained VAE (EMA weights): the UNet checkpoint's copy when the UNet stage has
         started, else --vae FOLDER, else checkpoints/vae.h5."""
         from diffusion_tf.state_dict import load_weights
@@ -955,6 +1025,25 @@ class TrainingRun:
             for i in range(0, len(images), batch)
         ]
         return np.concatenate(out).astype(np.float32)
+
+    def train_decoder(self):
+        action = self.actions["decoder"]
+        path = checkpoint_path(self.save, "decoder")
+        if action == "done":
+            self.histories["decoder"] = stored_history(path)
+            return
+        vae = self.load_vae(decoder=False)
+        images, _, _ = self.dataset()
+        val_images, _, _ = self.dataset(held_out=True, n=self._val_size("decoder"))
+        t0 = time.time()
+        means, val_means = self.encode_images(vae, images), self.encode_images(vae, val_images)
+        self.log(f"[decoder] encoded {len(images)} images in {time.time() - t0:.1f}s; fine-tuning the decoder")
+        keras.utils.set_random_seed(self.o.seed + 2)
+        with self.strategy.scope():
+            trainer = DecoderTrainer(vae, seed=self.o.seed, ema_decay=self.o.ema_decay)
+        self._fit("decoder", trainer, (means, images), (val_means, val_images), resume=action == "resume")
+        self.write_reconstructions(self.load_vae(), val_images[:8])
+        self.log(f"[decoder] checkpoint: {path}")
 
     def train_unet(self):
         """Returns the models to write: {"vae", "unet", "text_encoder"} (EMA weights)."""
@@ -1072,9 +1161,10 @@ class TrainingRun:
         return sum(os.path.getsize(os.path.join(self.save, n)) for n in names)
 
     def write_loss_plot(self):
-        titles = {"vae": "VAE: L1 + KL", "unet": f"UNet + text encoder: MSE ({self.o.prediction})"}
+        titles = {"vae": "VAE: L1 + KL", "decoder": "VAE decoder fine-tuning: L1",
+                  "unet": f"UNet + text encoder: MSE ({self.o.prediction})"}
         panels = []
-        for stage in ("vae", "unet"):
+        for stage in ORDER:
             h = self.histories.get(stage)
             if h and h["loss"]:
                 steps = self.o.stage_hparams(stage)["steps"]
@@ -1280,13 +1370,15 @@ def train(options=None, log=print, **kwargs):
         tf.config.experimental.enable_op_determinism()
     os.makedirs(os.path.join(options.save, "checkpoints"), exist_ok=True)
     if options.overwrite and not options.resume:
-        for stage in actions:
+        for stage in [s for s, a in actions.items() if a == "new"]:
             if os.path.exists(checkpoint_path(options.save, stage)):
                 os.remove(checkpoint_path(options.save, stage))
     run = TrainingRun(options, actions, log=log)
     result = {"save": options.save, "model": None, "gifs": [], "options": options, "histories": run.histories}
     if "vae" in actions:
         run.train_vae()
+    if "decoder" in actions:
+        run.train_decoder()
     if "unet" in actions:
         models = run.train_unet()
         run.write_loss_plot()
@@ -1317,7 +1409,7 @@ def build_parser():
         "from scratch on the captioned-shapes dataset.",
     )
     a = p.add_argument
-    a("--stage", choices=STAGES, default="all", help="vae, unet (+ text encoder, VAE frozen), or all (default)")
+    a("--stage", choices=STAGES, default="all", help="vae, decoder (fine-tune the VAE decoder, encoder frozen), unet (+ text encoder, VAE frozen), or all (default: the three in order)")
     a("--config", choices=tuple(PRESETS), default=None, help="architecture preset (default small; tiny for tests)")
     a("--epochs", type=int, help="epochs of the stage trained (the UNet's with --stage all); the total when resuming")
     a("--steps", type=int, help="steps per epoch")
@@ -1327,6 +1419,10 @@ def build_parser():
     a("--vae-steps", type=int, help="with --stage all: steps per epoch of the VAE stage")
     a("--vae-lr", type=float, help="with --stage all: learning rate of the VAE stage")
     a("--vae-batch-size", type=int, help="with --stage all: batch size of the VAE stage")
+    a("--decoder-epochs", type=int, help="with --stage all: epochs of the decoder fine-tuning stage")
+    a("--decoder-steps", type=int, help="with --stage all: steps per epoch of the decoder stage")
+    a("--decoder-lr", type=float, help="with --stage all: learning rate of the decoder stage")
+    a("--decoder-batch-size", type=int, help="with --stage all: batch size of the decoder stage")
     a("--T", type=int, help="diffusion steps (default 1000)")
     a("--schedule", help="beta schedule: linear (default), scaled_linear or cosine")
     a("--prediction", help="epsilon (default) or v_prediction")

@@ -205,3 +205,20 @@ def test_scheduler_override_on_the_callback_path(pipe):
     with pytest.raises(ValueError) as e:
         pipe.generate("a cat", num_steps=2, scheduler="k_lms")
     assert "scheduler='k_lms'" in str(e.value) and "dpm++2m-karras" in str(e.value)
+
+
+@pytest.mark.parametrize("callback", [False, True], ids=["fused", "step-by-step"])
+def test_another_size_after_the_first_keeps_static_shapes(folder, callback):
+    """A pipeline used at one size and then at another (an init image, or img_width changed as
+    the web UI does) traces a function per size; a relaxed trace with unknown spatial
+    dimensions would fail in the VAE's attention reshape."""
+    from diffusion_tf import Text2Image
+
+    p = Text2Image(model=folder, img_height=64, img_width=64)
+    cb = (lambda *a: None) if callback else None
+    assert p.generate("a cat", num_steps=2, seed=1, callback=cb).shape == (1, 64, 64, 3)
+    wide = p.generate("a cat", num_steps=2, seed=1, callback=cb, strength=0.5,
+                      init_image=np.full((64, 128, 3), 100, np.uint8))
+    assert wide.shape == (1, 64, 128, 3)
+    p.img_width = 128
+    assert p.generate("a cat", num_steps=2, seed=1, callback=cb).shape == (1, 64, 128, 3)

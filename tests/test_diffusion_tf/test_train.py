@@ -45,6 +45,8 @@ def trained(tmp_path_factory):
 
 def test_training_lowers_the_loss(trained):
     _, result, lines = trained
+    h = result["histories"]["decoder"]  # the tiny preset's decoder stage: 1 epoch x 2 steps
+    assert len(h["loss"]) == 2 and len(h["val_loss"]) == 2 and h["val_loss"][-1] < h["val_loss"][0]
     for stage in ("vae", "unet"):
         h = result["histories"][stage]
         assert len(h["loss"]) == 4 and len(h["epoch_loss"]) == 2 and len(h["val_loss"]) == 3
@@ -74,7 +76,7 @@ def test_outputs_are_valid_images(trained):
 
     save, result, _ = trained
     with Image.open(os.path.join(save, "loss.png")) as im:
-        assert im.format == "PNG" and im.size == (720, 600)  # one panel per stage
+        assert im.format == "PNG" and im.size == (720, 900)  # one panel per stage (VAE, decoder, UNet)
         assert len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 3
     with Image.open(os.path.join(save, "forward.gif")) as im:
         assert im.format == "GIF" and im.n_frames == 20
@@ -84,7 +86,7 @@ def test_outputs_are_valid_images(trained):
         assert im.size == (8 * 64 * 2, 2 * 64 * 2)
     assert result["gifs"] == [os.path.join(save, "forward.gif"), os.path.join(save, "reverse.gif")]
     # checkpoints written atomically: no temporary files left behind
-    assert sorted(os.listdir(os.path.join(save, "checkpoints"))) == ["unet.h5", "vae.h5"]
+    assert sorted(os.listdir(os.path.join(save, "checkpoints"))) == ["decoder.h5", "unet.h5", "vae.h5"]
     assert not [n for n in os.listdir(save) if n.endswith(".tmp")]
 
 
@@ -118,10 +120,11 @@ def test_resume_gives_identical_weights(trained, tmp_path):
     full, _, _ = trained
     save = str(tmp_path / "resumed")
     os.makedirs(os.path.join(save, "checkpoints"))
-    shutil.copy(os.path.join(full, "checkpoints", "vae.h5"), os.path.join(save, "checkpoints", "vae.h5"))
+    for name in ("vae.h5", "decoder.h5"):
+        shutil.copy(os.path.join(full, "checkpoints", name), os.path.join(save, "checkpoints", name))
     T.train(save=save, stage="unet", epochs=1, steps=2, log=lambda *_: None, **FAST)
     assert T.read_checkpoint_meta(T.checkpoint_path(save, "unet"))["epoch"] == 1
-    T.train(save=save, stage="unet", epochs=2, resume=True, log=lambda *_: None, **FAST)
+    T.train(save=save, stage="unet", epochs=2, resume=True, eval_every=2, eval_prompts=3, log=lambda *_: None, **FAST)
     a = _arrays(T.checkpoint_path(full, "unet"))
     b = _arrays(T.checkpoint_path(save, "unet"))
     assert a.keys() == b.keys()
@@ -271,7 +274,7 @@ def test_folder_state_errors(trained, tmp_path):
         T.plan(T.TrainOptions(save=str(empty), stage="unet", **FAST))
     # a resumed run that is complete has nothing to train
     options, actions = T.plan(T.TrainOptions(save=full, resume=True, **FAST))
-    assert actions == {"vae": "done", "unet": "done"} and options.epochs == 2
+    assert actions == {"vae": "done", "decoder": "done", "unet": "done"} and options.epochs == 2
 
 
 @pytest.mark.parametrize(
