@@ -32,13 +32,16 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis"],
+        "test": ["pytest", "hypothesis", "nbformat", "nbclient", "ipykernel"],
+        "app": ["gradio>=5,<7"],
+        "e2e": ["playwright"],
         "parity": ["torch==2.13.0", "diffusers==0.42.1", "transformers==5.23.0"],
     },
     entry_points={
         "console_scripts": [
             "text2image=text2image:main",
             "weights-port=weights_port.__main__:main",
+            "diffusion-tf-app=diffusion_tf.app:main",
         ]
     },
 )

@@ -177,3 +177,38 @@ def test_checkpoint_fault_keeps_the_previous_checkpoint(fault, trained_once, tmp
     # and the run resumes from it
     r = T.train(save=save, resume=True, epochs=2, verbose=0, run_eagerly=True, log=lambda *_: None)
     assert T.read_checkpoint_meta(ckpt)["epoch"] == 2 and r["model"] == save
+
+
+# ------------------------------------------------------------------ loading our weights files
+@pytest.mark.parametrize("damage", ["another model", "truncated", "NaN"])
+def test_failed_weights_load_leaves_the_model_unchanged(damage, tmp_path):
+    import copy
+
+    from diffusion_tf.components import build_model
+    from diffusion_tf.state_dict import WeightsError, load_weights, save_weights
+    from diffusion_tf.train import PRESETS
+
+    config = PRESETS["tiny"]["unet"]
+    model = build_model("unet", config)
+    before = [np.array(w) for w in model.get_weights()]
+    path = str(tmp_path / "unet.weights.h5")
+    if damage == "another model":
+        other = copy.deepcopy(config)
+        other["block_out_channels"] = [16, 32]
+        save_weights(build_model("unet", other), path)
+    else:
+        save_weights(build_model("unet", config), path)
+        if damage == "truncated":
+            size = os.path.getsize(path)
+            with open(path, "r+b") as f:
+                f.truncate(size // 2)
+        else:  # the last dataset poisoned: every check runs before the first assignment
+            with h5py.File(path, "r+") as f:
+                key = sorted(f.keys())[-1]
+                data = f[key][()]
+                data.flat[0] = np.nan
+                f[key][...] = data
+    with pytest.raises(WeightsError, match=r"unet\.weights\.h5"):
+        load_weights(model, path)
+    after = model.get_weights()
+    assert len(after) == len(before) and all(np.array_equal(a, b) for a, b in zip(before, after))

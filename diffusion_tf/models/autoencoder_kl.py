@@ -92,7 +92,7 @@ class AutoencoderKL(Model):
         return self.decode(self.encode(images))
 
     def build_weights(self):
-        side = self.downsampling_factor
+        side = 2 * self.downsampling_factor  # 2x2 latents: no attention over a single position
         self(ops.zeros((1, side, side, self.in_channels)))
 
     def get_config(self):

@@ -214,7 +214,7 @@ class UNet2DConditionModel(Model):
 
     def build_weights(self):
         """Creates every variable with one small forward pass."""
-        side = 2 ** (len(self.block_out_channels) - 1)
+        side = 2 ** len(self.block_out_channels)  # 2x2 at the lowest level: no softmax over one position
         cross = per_block(self.cross_attention_dim, 1, "cross_attention_dim")[0]
         self(
             ops.zeros((1, side, side, self.in_channels)),

@@ -119,6 +119,7 @@ def test_destination_is_never_clobbered_or_half_written(sd1_file, tmp_path, monk
     assert model_folder.FORMAT
 
 
+@pytest.mark.slow  # builds the full-size SD 1.5 and 2.1 networks (~50 s)
 def test_inferred_architecture_of_a_full_size_layout():
     """Shape inference on the real SD 1.5 / 2.1 key layouts (shapes only, no data)."""
     from diffusion_tf import presets
