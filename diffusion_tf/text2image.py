@@ -125,6 +125,12 @@ class Text2Image:
             "euler_a", ...), built with the model folder's scheduler config; None: the
             model folder's default ("ddim" unless its config.json says otherwise).
         dtype: Keras dtype policy of the networks (default float32).
+        distribute: generate a batch data-parallel across devices: True for a
+            `tf.distribute.MirroredStrategy` over every visible GPU (or every logical CPU
+            when there are several and no GPU), or a `tf.distribute.Strategy` (e.g.
+            `TPUStrategy`). The networks are built in its scope (mirrored weights) and each
+            replica denoises a contiguous share of the batch; with a deterministic sampler
+            the images are those of one device. None/False: one device.
     """
 
     def __init__(
@@ -137,6 +143,7 @@ class Text2Image:
         scheduler=None,
         dtype=None,
         download=True,
+        distribute=None,
     ):
         if attention is not None and attention not in ATTENTION_TYPES:
             raise ValueError(f"attention={attention!r}; allowed: {sorted(ATTENTION_TYPES)} or None.")
@@ -144,7 +151,9 @@ class Text2Image:
             _check_scheduler_name(scheduler)
         check_size(img_height, img_width)
         self.model_path = resolve_model(model, download, log=_stderr_line)
-        parts = load_folder(self.model_path, attention=attention, dtype=dtype)
+        self.strategy = _strategy(distribute)
+        with self.strategy.scope():
+            parts = load_folder(self.model_path, attention=attention, dtype=dtype)
         self.config = parts["config"]
         # Generation defaults of the model folder ("defaults" in its config.json).
         self.defaults = dict(DEFAULTS)
@@ -433,7 +442,11 @@ class Text2Image:
             temperature=tf.constant(temperature, "float32"),
             seed=tf.constant(seed, "int64"),
         )
-        if callback is None:
+        replicas = self.strategy.num_replicas_in_sync
+        if callback is None and replicas > 1:
+            images, latents = self._distributed_generate(
+                self._generate_fn(use_guidance, sched, mode, size), replicas, args, latents, tables, start, cond)
+        elif callback is None:
             images, latents = self._generate_fn(use_guidance, sched, mode, size)(
                 args["cond_ids"], args["uncond_ids"], latents,
                 tables, args["guidance"], args["temperature"], args["seed"],
@@ -458,6 +471,40 @@ class Text2Image:
         if edit is not None and edit.mask is not None and paste_back:
             images = editing.paste_back(images, edit.image, edit.mask)
         return images
+
+    def _distributed_generate(self, fn, replicas, args, latents, tables, start, cond):
+        """`fn` on each replica with its contiguous share of the batch (shares differ by at most
+        one; a replica may get none); the results concatenated in order."""
+        batch = int(latents.shape[0])
+        bounds = np.linspace(0, batch, replicas + 1).round().astype(int)
+        per_image = {"cond_ids": args["cond_ids"], "uncond_ids": args["uncond_ids"], "latents": latents}
+        per_image.update({f"cond/{k}": v for k, v in cond.items() if int(v.shape[0]) == batch})
+
+        def share(ctx):
+            r = ctx.replica_id_in_sync_group
+            return {k: v[bounds[r]:bounds[r + 1]] for k, v in per_image.items()}
+
+        values = self.strategy.experimental_distribute_values_from_function(share)
+        shared_cond = {k: v for k, v in cond.items() if f"cond/{k}" not in per_image}
+        key = ("distributed", fn)
+        if key not in self._functions:
+            def run(values, tables, guidance, temperature, seed, start, shared_cond):
+                def replica_fn(v):
+                    c = dict(shared_cond)
+                    c.update({k[5:]: t for k, t in v.items() if k.startswith("cond/")})
+                    return fn(v["cond_ids"], v["uncond_ids"], v["latents"], tables, guidance, temperature,
+                              seed, start, c)
+
+                return self.strategy.run(replica_fn, args=(values,))
+
+            self._functions[key] = tf.function(run)
+        images, out = self._functions[key](
+            values, tables, args["guidance"], args["temperature"], args["seed"], tf.constant(start, "int32"),
+            shared_cond,
+        )
+        local = self.strategy.experimental_local_results
+        return (np.concatenate([np.asarray(x) for x in local(images)]),
+                np.concatenate([np.asarray(x) for x in local(out)]))
 
     def _finite_images(self, images, latents):
         """The decoded images, checked: a NaN or Inf (half precision overflowing) never becomes
@@ -506,6 +553,19 @@ class Text2Image:
         masked = self.encode(editing.masked_image(image, mask)[None])
         extra = ops.concatenate([ops.convert_to_tensor(editing.latent_mask(mask, f)[None]), masked], axis=-1)
         return {"extra": tf.tile(extra, [batch, 1, 1, 1])}
+
+
+def _strategy(distribute):
+    """The tf.distribute strategy of `Text2Image(distribute=...)`."""
+    if distribute is None or distribute is False:
+        return tf.distribute.get_strategy()
+    if distribute is True:
+        gpus = tf.config.list_logical_devices("GPU")
+        pool = gpus if gpus else tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([d.name for d in pool])
+    if isinstance(distribute, tf.distribute.Strategy):
+        return distribute
+    raise ValueError(f"distribute={distribute!r}; allowed: None, False, True or a tf.distribute.Strategy.")
 
 
 class NonFiniteOutputError(ValueError):

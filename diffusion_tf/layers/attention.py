@@ -6,19 +6,52 @@ from diffusion_tf.layers.ops_util import dense
 from diffusion_tf.layers.base import Layer
 
 
-def scaled_dot_product_attention(q, k, v, scale, mask=None):
-    """Softmax attention on [B, N, H, D] tensors; scores and softmax in float32.
+# The largest float32 score matrix [B, H, chunk, Nk] one attention call holds at a time.
+# Longer query sequences are processed in chunks of queries; each query's softmax row does
+# not depend on the others, so chunking changes only float rounding (matmul blocking).
+# At 1024x1024 standard attention
+# would otherwise hold 2 x 8 x 16384^2 x 4 bytes = 16 GiB of scores (batch 2, 8 heads); SD
+# at 512 px (4096 tokens: 1 GiB) is chunked too, into 4.
+MAX_SCORE_BYTES = 256 * 2**20
 
-    `mask` is added to the [B, H, Nq, Nk] scores (0 = keep, -inf = drop).
-    """
-    dtype = q.dtype
-    q = ops.cast(q, "float32")
-    k = ops.cast(k, "float32")
+
+def _query_chunk(b, h, nq, nk, max_bytes):
+    """Queries per chunk so that b x h x chunk x nk float32 scores fit in `max_bytes`; None
+    when unknown shapes or everything fits."""
+    if None in (nq, nk, h) or not isinstance(nq, int) or not isinstance(nk, int):
+        return None
+    b = b if isinstance(b, int) else 2
+    per_query = b * h * nk * 4
+    if per_query * nq <= max_bytes:
+        return None
+    return max(1, max_bytes // per_query)
+
+
+def _attend(q, k, v, scale, mask, dtype):
     scores = ops.einsum("bqhd,bkhd->bhqk", q, k) * scale
     if mask is not None:
         scores = scores + ops.cast(mask, "float32")
     probs = ops.cast(ops.softmax(scores, axis=-1), dtype)
     return ops.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def scaled_dot_product_attention(q, k, v, scale, mask=None, max_score_bytes=None):
+    """Softmax attention on [B, N, H, D] tensors; scores and softmax in float32.
+
+    `mask` is added to the [B, H, Nq, Nk] scores (0 = keep, -inf = drop). When the whole
+    score matrix would exceed `max_score_bytes` (default `MAX_SCORE_BYTES`), the queries are
+    processed in chunks, so that no N x N matrix per head is held for the whole batch.
+    """
+    dtype = q.dtype
+    q = ops.cast(q, "float32")
+    k = ops.cast(k, "float32")
+    limit = MAX_SCORE_BYTES if max_score_bytes is None else max_score_bytes
+    chunk = _query_chunk(q.shape[0], q.shape[2], q.shape[1], k.shape[1], limit)
+    if chunk is None or mask is not None:
+        return _attend(q, k, v, scale, mask, dtype)
+    nq = q.shape[1]
+    parts = [_attend(q[:, i:i + chunk], k, v, scale, None, dtype) for i in range(0, nq, chunk)]
+    return ops.concatenate(parts, axis=1)
 
 
 class Attention(Layer):

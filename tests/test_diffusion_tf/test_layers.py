@@ -174,3 +174,20 @@ def test_clip_and_vae_round_trip():
     assert tuple(vae(rand(1, 16, 16, 3)).shape) == (1, 16, 16, 3)
     assert vae.downsampling_factor == 2
     keras.backend.clear_session()
+
+
+def test_chunked_attention_equals_whole_attention():
+    """Queries processed in chunks (a long sequence) give the numbers of one score matrix."""
+    from keras import ops
+
+    from diffusion_tf.layers import attention
+
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 100, 3, 8)).astype("float32") for _ in range(3))
+    whole = ops.convert_to_numpy(attention.scaled_dot_product_attention(q, k, v, 8**-0.5))
+    budget = 2 * 3 * 100 * 4 * 7  # 7 queries per chunk: 15 chunks, the last one short
+    assert attention._query_chunk(2, 3, 100, 100, budget) == 7
+    chunked = ops.convert_to_numpy(attention.scaled_dot_product_attention(q, k, v, 8**-0.5, max_score_bytes=budget))
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6)  # matmul blocking: rounding only
+    assert attention._query_chunk(2, 8, 16384, 16384, attention.MAX_SCORE_BYTES) * 2 * 8 * 16384 * 4 <= 2**28
+    assert attention._query_chunk(2, 8, 64, 77, attention.MAX_SCORE_BYTES) is None  # small: one matrix
