@@ -76,6 +76,8 @@ def our_models(configs, reference):
     for name, ref in reference.items():
         model = build_model(name, configs[name])
         state = {k: v.detach().numpy() for k, v in ref.state_dict().items() if not k.endswith("position_ids")}
+        if name == "text_encoder":  # transformers 5 names them without the checkpoints' prefix
+            state = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in state.items()}
         set_state_dict(model, state, source=f"diffusers {name}")
         out[name] = model
     return out
@@ -205,13 +207,14 @@ import numpy as np
 if impl.startswith("ours"):
     from diffusion_tf import Text2Image
     t2i = Text2Image(model=os.path.join(folder, "ours"), img_height=size, img_width=size,
-                     jit_compile=impl == "ours-xla", scheduler="ddim")
+                     jit_compile=impl == "ours-xla", scheduler="dpm++2m")
     run = lambda: t2i.generate(PROMPT, num_steps=steps, seed=0, unconditional_guidance_scale=7.5)
 else:
     import torch, diffusers
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(os.path.join(folder, "diffusers"), safety_checker=None,
                                                              requires_safety_checker=False)
-    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(
+        pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2)
     pipe.set_progress_bar_config(disable=True)
     g = lambda: torch.Generator().manual_seed(0)
     run = lambda: pipe(PROMPT, num_inference_steps=steps, guidance_scale=7.5, height=size, width=size, generator=g(),
@@ -236,7 +239,7 @@ def write_pipeline_folders(configs, ref, ours, folder):
     from diffusion_tf.clip_tokenizer import CLIPTokenizer
 
     vocab, merges = CLIPTokenizer().save_vocabulary(os.path.join(folder, "tok"))
-    tokenizer = transformers.CLIPTokenizer(vocab, merges, pad_token="<|endoftext|>")
+    tokenizer = transformers.CLIPTokenizer(vocab, merges, pad_token="<|endoftext|>", model_max_length=77)
     pipe = diffusers.StableDiffusionPipeline(
         vae=ref["vae"], text_encoder=ref["text_encoder"], tokenizer=tokenizer, unet=ref["unet"],
         scheduler=diffusers.DDIMScheduler(**{k: v for k, v in scheduler_cfg.items() if not k.startswith("_")}),
@@ -258,23 +261,51 @@ def measure_generation(impls, sizes, steps, threads, folder):
             if proc.returncode != 0:
                 print(proc.stderr[-2000:], file=sys.stderr)
                 continue
-            out.setdefault(f"generation, {size} px, {steps} DDIM steps", {})[impl] = json.loads(
-                proc.stdout.strip().splitlines()[-1])
-            print(f"  generation {size}: {impl} {out[f'generation, {size} px, {steps} DDIM steps'][impl]}",
-                  file=sys.stderr, flush=True)
+            name = f"generation, {size} px, {steps} DPM-Solver++ 2M steps"
+            out.setdefault(name, {})[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"  {name}: {impl} {out[name][impl]}", file=sys.stderr, flush=True)
     return out
 
 
+def add_sum_of_parts(timings, sizes, steps):
+    """Next to each whole generation: text encoder (twice: prompt and negative) + steps x UNet
+    step + VAE decode of the same implementation measured in this run, and the overhead."""
+    for size in sizes:
+        gen = timings.get(f"generation, {size} px, {steps} DPM-Solver++ 2M steps", {})
+        for impl, e in gen.items():
+            try:
+                unet = timings[f"UNet step, {size} px, batch 2"][impl]["median_s"]
+                vae = timings[f"VAE decode, {size} px, batch 1"][impl]["median_s"]
+                text = timings["text encoder, 77 tokens, batch 1"][impl]["median_s"]
+            except KeyError:
+                continue
+            e["sum_of_parts_s"] = 2 * text + steps * unet + vae
+            e["overhead_vs_parts"] = e["second_s"] / e["sum_of_parts_s"] - 1
+
+
 def table(results):
-    lines = ["| case | implementation | median s | min | max | compile s | x diffusers eager |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| case | implementation | median s | min | max | compile s | x diffusers eager | rel. error |",
+             "|---|---|---|---|---|---|---|---|"]
+    gens = []
     for name, entry in results.items():
         for impl, e in entry.items():
+            if "second_s" in e:
+                gens.append((name, impl, e))
             if "median_s" not in e:
                 continue
             ratio = e.get("ratio_to_diffusers_eager")
+            err = e.get("relative_error_vs_diffusers")
             lines.append(f"| {name} | {impl} | {e['median_s']:.3f} | {e['min_s']:.3f} | {e['max_s']:.3f} | "
-                         f"{e['compile_s']:.1f} | {'' if ratio is None else f'{ratio:.2f}'} |")
+                         f"{e['compile_s']:.1f} | {'' if ratio is None else f'{ratio:.2f}'} | "
+                         f"{'' if err is None else f'{err:.1e}'} |")
+    if gens:
+        lines += ["", "| generation | implementation | seconds (2nd run) | first run (with compile) | peak RSS GiB |"
+                  " sum of parts s | overhead |", "|---|---|---|---|---|---|---|"]
+        for name, impl, e in gens:
+            parts = e.get("sum_of_parts_s")
+            lines.append(f"| {name} | {impl} | {e['second_s']:.1f} | {e['first_s']:.1f} | {e['peak_rss_gib']:.2f} | "
+                         f"{'' if parts is None else f'{parts:.1f}'} | "
+                         f"{'' if parts is None else format(100 * e['overhead_vs_parts'], '+.1f') + '%'} |")
     return "\n".join(lines)
 
 
@@ -300,25 +331,31 @@ def main(argv=None):
     configs = presets.get_preset("sd-v1-5")["configs"]
     parts = set(args.parts)
     t0 = time.time()
-    ref = reference_models(configs, parts)
-    ours = our_models(configs, ref)
-    print(f"built and ported the networks in {time.time() - t0:.0f} s", file=sys.stderr)
+    reuse = (parts == {"generate"} and args.folder
+             and all(os.path.isdir(os.path.join(args.folder, d)) for d in ("diffusers", "ours")))
+    if not reuse:
+        ref = reference_models(configs, parts)
+        ours = our_models(configs, ref)
+        print(f"built and ported the networks in {time.time() - t0:.0f} s", file=sys.stderr)
     results = {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cores": os.cpu_count(), "threads": args.threads},
         "versions": {"tensorflow": tf.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__},
         "repeats": args.repeats,
     }
-    timings = measure(cases(parts, args.sizes, configs, ref, ours, args.impls, args.compile_torch), args.repeats)
+    timings = {} if reuse else measure(cases(parts, args.sizes, configs, ref, ours, args.impls, args.compile_torch),
+                                       args.repeats)
     if "generate" in parts:
         import tempfile
 
         folder = args.folder or tempfile.mkdtemp(prefix="speed_")
-        write_pipeline_folders(configs, ref, ours, folder)
-        del ref, ours
-        gc.collect()
+        if not reuse:  # --parts generate alone with a --folder written by an earlier run: reuse it
+            write_pipeline_folders(configs, ref, ours, folder)
+            del ref, ours
+            gc.collect()
         impls = [i for i in args.impls if i in ("ours-graph", "ours-xla", "diffusers")]
         timings.update(measure_generation(impls, args.sizes, args.steps, args.threads, folder))
+        add_sum_of_parts(timings, args.sizes, args.steps)
     results["timings"] = timings
     results["peak_rss_gib_this_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     out = args.out or os.path.join(ROOT, "benchmarks", "results", f"speed-{'-'.join(sorted(parts))}.json")

@@ -105,7 +105,9 @@ def set_state_dict(model, state_dict, source="state dict"):
             f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys "
             f"{unexpected[:5]}."
         )
-    values = {}
+    # Pass 1 checks every value and keeps none of them; pass 2 converts and assigns one
+    # tensor at a time. Peak memory is then the model plus one tensor (plus whatever the
+    # caller's mapping holds: a lazily read weights file holds nothing).
     for key, (var, perm) in variables.items():
         value = np.asarray(state_dict[key])
         expected = tuple(_to_torch(np.empty(var.shape, dtype="b"), perm).shape)
@@ -116,10 +118,10 @@ def set_state_dict(model, state_dict, source="state dict"):
             )
         if not np.all(np.isfinite(value)):
             raise WeightsError(f"{source}: {key} contains NaN or Inf values.")
+        del value
+    for key, (var, perm) in variables.items():
         inverse = tuple(np.argsort(perm)) if perm else None
-        values[key] = _to_torch(value, inverse).astype(var.dtype)
-    for key, (var, _) in variables.items():
-        var.assign(values[key])
+        var.assign(np.ascontiguousarray(_to_torch(np.asarray(state_dict[key]), inverse), dtype=var.dtype))
 
 
 def save_weights(model, path, dtype=None):
@@ -141,22 +143,57 @@ def save_weights(model, path, dtype=None):
         raise
 
 
-def read_weights(path):
-    """Read a `*.weights.h5` written by `save_weights` into {key: array}."""
+class _WeightsFile:
+    """A read-only mapping over an open weights file; each access reads one tensor."""
+
+    def __init__(self, path, handle):
+        self.path, self.handle = path, handle
+
+    def __iter__(self):
+        return iter(self.handle.keys())
+
+    def __contains__(self, key):
+        return key in self.handle
+
+    def __len__(self):
+        return len(self.handle)
+
+    def keys(self):
+        return list(self.handle.keys())
+
+    def __getitem__(self, key):
+        try:
+            return self.handle[key][()]
+        except Exception as e:  # a damaged dataset
+            raise WeightsError(
+                f"weights file {self.path!r} is corrupt or for another model ({type(e).__name__}: {e})."
+            ) from None
+
+
+def _open_weights(path):
     if not os.path.isfile(path):
         raise WeightsError(f"weights file {path!r} does not exist.")
     try:
-        with h5py.File(path, "r") as f:
-            if f.attrs.get("format") != "diffusion_tf.state_dict.v1":
-                raise WeightsError(f"{path!r} is not a diffusion_tf weights file.")
-            return {key: f[key][()] for key in f.keys()}
-    except WeightsError:
-        raise
+        handle = h5py.File(path, "r")
     except Exception as e:  # h5py raises OSError/KeyError/... on damaged files
         raise WeightsError(
             f"weights file {path!r} is corrupt or for another model ({type(e).__name__}: {e})."
         ) from None
+    if handle.attrs.get("format") != "diffusion_tf.state_dict.v1":
+        handle.close()
+        raise WeightsError(f"{path!r} is not a diffusion_tf weights file.")
+    return handle
+
+
+def read_weights(path):
+    """Read a `*.weights.h5` written by `save_weights` into {key: array}."""
+    with _open_weights(path) as handle:
+        weights = _WeightsFile(path, handle)
+        return {key: weights[key] for key in weights.keys()}
 
 
 def load_weights(model, path):
-    set_state_dict(model, read_weights(path), source=f"weights file {path!r}")
+    """Assign a `*.weights.h5` to `model`, reading one tensor at a time (the model is unchanged
+    if anything does not fit)."""
+    with _open_weights(path) as handle:
+        set_state_dict(model, _WeightsFile(path, handle), source=f"weights file {path!r}")

@@ -1,5 +1,6 @@
 """Multi-head attention with the diffusers key names (to_q, to_k, to_v, to_out.0)."""
 
+import keras
 from keras import ops
 
 from diffusion_tf.layers.ops_util import dense
@@ -28,11 +29,22 @@ def _query_chunk(b, h, nq, nk, max_bytes):
 
 
 def _attend(q, k, v, scale, mask, dtype):
-    scores = ops.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    """q [B, H, Nq, D], k and v [B, H, Nk, D] (q, k float32) -> [B, H, Nq, D] in `dtype`.
+
+    Batched matmuls on head-major tensors (XLA on CPU runs these about a third faster
+    than the equivalent einsums on [B, N, H, D]). In float32 the softmax normalisation is
+    applied to the [Nq, D] output instead of the [Nq, Nk] probabilities: one pass fewer
+    over the scores, the same numbers up to rounding.
+    """
+    scores = ops.matmul(q, ops.swapaxes(k, -1, -2)) * scale
     if mask is not None:
         scores = scores + ops.cast(mask, "float32")
+    if keras.backend.standardize_dtype(dtype) == "float32" and mask is None:
+        weights = ops.exp(scores - ops.max(scores, axis=-1, keepdims=True))
+        out = ops.matmul(weights, v) / ops.sum(weights, axis=-1, keepdims=True)
+        return out
     probs = ops.cast(ops.softmax(scores, axis=-1), dtype)
-    return ops.einsum("bhqk,bkhd->bqhd", probs, v)
+    return ops.matmul(probs, v)
 
 
 def scaled_dot_product_attention(q, k, v, scale, mask=None, max_score_bytes=None):
@@ -43,15 +55,18 @@ def scaled_dot_product_attention(q, k, v, scale, mask=None, max_score_bytes=None
     processed in chunks, so that no N x N matrix per head is held for the whole batch.
     """
     dtype = q.dtype
-    q = ops.cast(q, "float32")
-    k = ops.cast(k, "float32")
+    q = ops.transpose(ops.cast(q, "float32"), (0, 2, 1, 3))
+    k = ops.transpose(ops.cast(k, "float32"), (0, 2, 1, 3))
+    v = ops.transpose(v, (0, 2, 1, 3))
     limit = MAX_SCORE_BYTES if max_score_bytes is None else max_score_bytes
-    chunk = _query_chunk(q.shape[0], q.shape[2], q.shape[1], k.shape[1], limit)
+    chunk = _query_chunk(q.shape[0], q.shape[1], q.shape[2], k.shape[2], limit)
     if chunk is None or mask is not None:
-        return _attend(q, k, v, scale, mask, dtype)
-    nq = q.shape[1]
-    parts = [_attend(q[:, i:i + chunk], k, v, scale, None, dtype) for i in range(0, nq, chunk)]
-    return ops.concatenate(parts, axis=1)
+        out = _attend(q, k, v, scale, mask, dtype)
+    else:
+        nq = q.shape[2]
+        parts = [_attend(q[:, :, i:i + chunk], k, v, scale, None, dtype) for i in range(0, nq, chunk)]
+        out = ops.concatenate(parts, axis=2)
+    return ops.transpose(out, (0, 2, 1, 3))
 
 
 class Attention(Layer):
