@@ -32,7 +32,7 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "nbformat", "nbclient", "ipykernel"],
+        "test": ["pytest", "pytest-xdist", "hypothesis", "nbformat", "nbclient", "ipykernel"],
         "app": ["gradio>=5,<7"],
         "e2e": ["playwright"],
         "parity": ["torch==2.13.0", "diffusers==0.42.1", "transformers==5.23.0"],

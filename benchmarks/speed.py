@@ -4,7 +4,7 @@ diffusers (eager; torch.compile when asked), the SD v1.5 networks with the SAME 
     pip install torch==2.13.0 diffusers transformers
     python benchmarks/speed.py                                  # UNet, VAE decode, text encoder
     python benchmarks/speed.py --parts unet --sizes 256 512 --repeats 5
-    python benchmarks/speed.py --parts generate --sizes 512     # a whole 20-step generation
+    python benchmarks/speed.py --parts generate --sizes 512     # a whole 20-step DPM-Solver++ 2M generation
 
 How it measures:
 - the diffusers/transformers networks are built from the preset's configs with
@@ -17,7 +17,7 @@ How it measures:
 - fp32, the UNet at batch 2 (classifier-free guidance), VAE decode and text encoder at
   batch 1; TensorFlow and PyTorch both get `--threads` threads (default: every core);
 - reports median / min / max seconds and the ratio of each median to diffusers eager's.
-  Peak resident memory is per process, so `--memory` runs each implementation's whole
+  Peak resident memory is per process, so `--parts generate` runs each implementation's whole
   generation in a fresh process and reports its peak RSS.
 
 Results go to benchmarks/results/speed-<parts>.json and a Markdown table on stdout;

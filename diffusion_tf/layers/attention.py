@@ -63,10 +63,27 @@ def scaled_dot_product_attention(q, k, v, scale, mask=None, max_score_bytes=None
     if chunk is None or mask is not None:
         out = _attend(q, k, v, scale, mask, dtype)
     else:
-        nq = q.shape[2]
-        parts = [_attend(q[:, :, i:i + chunk], k, v, scale, None, dtype) for i in range(0, nq, chunk)]
-        out = ops.concatenate(parts, axis=2)
+        out = _chunked_attend(q, k, v, scale, dtype, chunk)
     return ops.transpose(out, (0, 2, 1, 3))
+
+
+def _chunked_attend(q, k, v, scale, dtype, chunk):
+    """Attention over chunks of `chunk` queries in a loop (a while loop under XLA and in
+    graphs), so that one chunk's scores are alive at a time: unrolled chunks let XLA schedule
+    them all at once (32 GiB for the SD UNet at 1024 px). The queries are zero-padded to a
+    whole number of chunks; the padding rows are dropped."""
+    b, h, nq, d = ops.shape(q)
+    n = -(-nq // chunk)
+    if n * chunk != nq:
+        q = ops.pad(q, [[0, 0], [0, 0], [0, n * chunk - nq], [0, 0]])
+
+    def body(i, out):
+        start = i * chunk
+        rows = ops.slice(q, (0, 0, start, 0), (b, h, chunk, d))
+        return ops.slice_update(out, (0, 0, start, 0), _attend(rows, k, v, scale, None, dtype))
+
+    out = ops.fori_loop(0, n, body, ops.zeros((b, h, n * chunk, ops.shape(v)[-1]), dtype))
+    return out[:, :, :nq]
 
 
 class Attention(Layer):

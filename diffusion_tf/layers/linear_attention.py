@@ -23,8 +23,11 @@ class LinearAttention(Attention):
 
     def attend(self, q, k, v):
         dtype = q.dtype
-        q = ops.softmax(ops.cast(q, "float32"), axis=-1)  # over features
-        k = ops.softmax(ops.cast(k, "float32"), axis=1)  # over positions
-        context = ops.einsum("bnhd,bnhe->bhde", k, ops.cast(v, "float32"))
-        out = ops.einsum("bnhd,bhde->bnhe", q, context)
-        return ops.cast(out, dtype)
+        # Head-major [B, H, N, D]: both products become batched matmuls (XLA on CPU runs
+        # einsums over [B, N, H, D] with transposes around every one of them).
+        q, k, v = (ops.transpose(ops.cast(t, "float32"), (0, 2, 1, 3)) for t in (q, k, v))
+        q = ops.softmax(q, axis=-1)  # over features
+        k = ops.softmax(k, axis=2)  # over positions
+        context = ops.matmul(ops.swapaxes(k, -1, -2), v)  # [B, H, D, D]
+        out = ops.matmul(q, context)  # [B, H, N, D]
+        return ops.cast(ops.transpose(out, (0, 2, 1, 3)), dtype)

@@ -187,7 +187,14 @@ def test_chunked_attention_equals_whole_attention():
     whole = ops.convert_to_numpy(attention.scaled_dot_product_attention(q, k, v, 8**-0.5))
     budget = 2 * 3 * 100 * 4 * 7  # 7 queries per chunk: 15 chunks, the last one short
     assert attention._query_chunk(2, 3, 100, 100, budget) == 7
-    chunked = ops.convert_to_numpy(attention.scaled_dot_product_attention(q, k, v, 8**-0.5, max_score_bytes=budget))
-    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6)  # matmul blocking: rounding only
+    import tensorflow as tf
+
+    def chunked(q, k, v):
+        return attention.scaled_dot_product_attention(q, k, v, 8**-0.5, max_score_bytes=budget)
+
+    # eager, and a while loop over the chunks under XLA (one chunk's scores alive at a time)
+    for fn in (chunked, tf.function(chunked, jit_compile=True)):
+        out = ops.convert_to_numpy(fn(q, k, v))
+        np.testing.assert_allclose(out, whole, rtol=1e-5, atol=1e-6)  # matmul blocking: rounding only
     assert attention._query_chunk(2, 8, 16384, 16384, attention.MAX_SCORE_BYTES) * 2 * 8 * 16384 * 4 <= 2**28
     assert attention._query_chunk(2, 8, 64, 77, attention.MAX_SCORE_BYTES) is None  # small: one matrix
