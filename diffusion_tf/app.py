@@ -317,20 +317,27 @@ def build_demo(generator, max_upload_mb=DEFAULT_MAX_UPLOAD_MB):
             p.get("height", d["height"]) if p.get("height") in SIZES else d["height"],
         )
 
+    def generate_section(tab, c, extra_inputs=()):
+        """Generate and Stop buttons, the gallery and the status line of a tab, wired through
+        the one shared queue; returns the Generate event."""
+        with gr.Row():
+            go = gr.Button("Generate", variant="primary", elem_id=f"{tab}-generate")
+            stop = gr.Button("Stop", elem_id=f"{tab}-stop")
+        gallery = gr.Gallery(label="Results", columns=4, elem_id=f"{tab}-gallery", format="png")
+        status = gr.Textbox(label="Status", interactive=False, elem_id=f"{tab}-status")
+        extra_inputs = list(extra_inputs)
+        event = go.click(runner(tab, c, len(extra_inputs)), inputs_of(c) + extra_inputs, [gallery, status],
+                         api_name=tab, concurrency_id="gpu", concurrency_limit=1)
+        stop.click(cancel, None, None, cancels=[event], queue=False)
+        return event
+
     with gr.Blocks(title="diffusion_tf") as demo:
         gr.Markdown(f"## diffusion_tf: Stable Diffusion in Keras 3\nModel: `{generator.model_name}`; "
                     f"images are saved with their parameters in `{generator.output_dir}`.")
         with gr.Tabs():
             with gr.Tab("Text to image", id="txt2img"):
                 c = controls("txt2img")
-                with gr.Row():
-                    go = gr.Button("Generate", variant="primary", elem_id="txt2img-generate")
-                    stop = gr.Button("Stop", elem_id="txt2img-stop")
-                gallery = gr.Gallery(label="Results", columns=4, elem_id="txt2img-gallery", format="png")
-                status = gr.Textbox(label="Status", interactive=False, elem_id="txt2img-status")
-                event = go.click(runner("txt2img", c), inputs_of(c), [gallery, status], api_name="txt2img",
-                                 concurrency_id="gpu", concurrency_limit=1)
-                stop.click(cancel, None, None, cancels=[event], queue=False)
+                generate_section("txt2img", c)
                 with gr.Accordion("Reuse the parameters of an image", open=False):
                     png = gr.File(label="PNG with parameters", file_types=[".png"], elem_id="reuse-file")
                     reuse_button = gr.Button("Reuse parameters", elem_id="reuse")
@@ -342,14 +349,7 @@ def build_demo(generator, max_upload_mb=DEFAULT_MAX_UPLOAD_MB):
                 c2 = controls("img2img", sizes=False)
                 image = gr.Image(label="Input image", type="filepath", elem_id="img2img-image")
                 strength = gr.Slider(0.05, 1.0, value=0.75, step=0.05, label="Strength")
-                with gr.Row():
-                    go2 = gr.Button("Generate", variant="primary", elem_id="img2img-generate")
-                    stop2 = gr.Button("Stop")
-                gallery2 = gr.Gallery(label="Results", columns=4, format="png")
-                status2 = gr.Textbox(label="Status", interactive=False)
-                e2 = go2.click(runner("img2img", c2, 2), inputs_of(c2) + [image, strength], [gallery2, status2], api_name="img2img",
-                    concurrency_id="gpu", concurrency_limit=1)
-                stop2.click(cancel, None, None, cancels=[e2], queue=False)
+                generate_section("img2img", c2, [image, strength])
 
             with gr.Tab("Inpainting", id="inpaint"):
                 c3 = controls("inpaint", sizes=False)
@@ -357,14 +357,7 @@ def build_demo(generator, max_upload_mb=DEFAULT_MAX_UPLOAD_MB):
                                         brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
                                         elem_id="inpaint-editor")
                 strength3 = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Strength")
-                with gr.Row():
-                    go3 = gr.Button("Generate", variant="primary", elem_id="inpaint-generate")
-                    stop3 = gr.Button("Stop")
-                gallery3 = gr.Gallery(label="Results", columns=4, format="png")
-                status3 = gr.Textbox(label="Status", interactive=False)
-                e3 = go3.click(runner("inpaint", c3, 2), inputs_of(c3) + [editor, strength3], [gallery3, status3], api_name="inpaint",
-                    concurrency_id="gpu", concurrency_limit=1)
-                stop3.click(cancel, None, None, cancels=[e3], queue=False)
+                generate_section("inpaint", c3, [editor, strength3])
 
             with gr.Tab("Outpainting", id="outpaint"):
                 c4 = controls("outpaint", sizes=False)
@@ -372,14 +365,7 @@ def build_demo(generator, max_upload_mb=DEFAULT_MAX_UPLOAD_MB):
                 with gr.Row():
                     sides = [gr.Slider(0, 256, value=v, step=8, label=f"Add {k} (px)")
                              for k, v in (("left", 0), ("right", 64), ("top", 0), ("bottom", 0))]
-                with gr.Row():
-                    go4 = gr.Button("Generate", variant="primary", elem_id="outpaint-generate")
-                    stop4 = gr.Button("Stop")
-                gallery4 = gr.Gallery(label="Results", columns=4, format="png")
-                status4 = gr.Textbox(label="Status", interactive=False)
-                e4 = go4.click(runner("outpaint", c4, 5), inputs_of(c4) + [image4] + sides, [gallery4, status4], api_name="outpaint",
-                    concurrency_id="gpu", concurrency_limit=1)
-                stop4.click(cancel, None, None, cancels=[e4], queue=False)
+                generate_section("outpaint", c4, [image4] + sides)
     demo.queue(max_size=64, default_concurrency_limit=1)
     return demo
 

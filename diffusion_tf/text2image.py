@@ -477,23 +477,23 @@ class Text2Image:
         one; a replica may get none); the results concatenated in order."""
         batch = int(latents.shape[0])
         bounds = np.linspace(0, batch, replicas + 1).round().astype(int)
-        per_image = {"cond_ids": args["cond_ids"], "uncond_ids": args["uncond_ids"], "latents": latents}
-        per_image.update({f"cond/{k}": v for k, v in cond.items() if int(v.shape[0]) == batch})
+        # The conditioning tensors with one row per image are split; the others are shared.
+        split_cond = {k: v for k, v in cond.items() if int(v.shape[0]) == batch}
+        shared_cond = {k: v for k, v in cond.items() if k not in split_cond}
+        per_image = {"cond_ids": args["cond_ids"], "uncond_ids": args["uncond_ids"], "latents": latents,
+                     "cond": split_cond}
 
         def share(ctx):
             r = ctx.replica_id_in_sync_group
-            return {k: v[bounds[r]:bounds[r + 1]] for k, v in per_image.items()}
+            return tf.nest.map_structure(lambda v: v[bounds[r]:bounds[r + 1]], per_image)
 
         values = self.strategy.experimental_distribute_values_from_function(share)
-        shared_cond = {k: v for k, v in cond.items() if f"cond/{k}" not in per_image}
         key = ("distributed", fn)
         if key not in self._functions:
             def run(values, tables, guidance, temperature, seed, start, shared_cond):
                 def replica_fn(v):
-                    c = dict(shared_cond)
-                    c.update({k[5:]: t for k, t in v.items() if k.startswith("cond/")})
                     return fn(v["cond_ids"], v["uncond_ids"], v["latents"], tables, guidance, temperature,
-                              seed, start, c)
+                              seed, start, {**shared_cond, **v["cond"]})
 
                 return self.strategy.run(replica_fn, args=(values,))
 

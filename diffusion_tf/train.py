@@ -485,7 +485,11 @@ class _Trainer(keras.Model):
     def metrics(self):
         return [self.loss_tracker]
 
-    def _apply(self, tape, loss, scaled_loss):
+    def _minimize(self, compute_loss):
+        """One optimizer step on `compute_loss()` (summed over replicas, hence the scaling)."""
+        with tf.GradientTape() as tape:
+            loss = compute_loss()
+            scaled_loss = loss / _num_replicas()
         grads = tape.gradient(scaled_loss, self.train_variables)
         self.optimizer.apply_gradients(zip(grads, self.train_variables))
         self.ema.update(self.optimizer.iterations)
@@ -523,10 +527,7 @@ class VAETrainer(_Trainer):
         return rec_loss + self.kl_weight * kl
 
     def train_step(self, data):
-        with tf.GradientTape() as tape:
-            loss = self.vae_loss(data, step=self.optimizer.iterations)
-            scaled_loss = loss / _num_replicas()
-        return self._apply(tape, loss, scaled_loss)
+        return self._minimize(lambda: self.vae_loss(data, step=self.optimizer.iterations))
 
     def test_step(self, data):
         images, eps = data
@@ -566,10 +567,7 @@ class DecoderTrainer(_Trainer):
 
     def train_step(self, data):
         means, images = data
-        with tf.GradientTape() as tape:
-            loss = self.decoder_loss(means, images)
-            scaled_loss = loss / _num_replicas()
-        return self._apply(tape, loss, scaled_loss)
+        return self._minimize(lambda: self.decoder_loss(means, images))
 
     def test_step(self, data):
         means, images = data
@@ -625,10 +623,7 @@ class DiffusionTrainer(_Trainer):
         noise = tf.random.stateless_normal(tf.shape(latents), seed=_step_seed(self.seed, step, 2))
         drop = tf.random.stateless_uniform([batch], seed=_step_seed(self.seed, step, 3)) < self.cfg_drop
         ids = tf.where(drop[:, None], tf.constant(self.uncond_ids)[None, :], ops.cast(ids, "int32"))
-        with tf.GradientTape() as tape:
-            loss = self.diffusion_loss(latents, ids, t, noise)
-            scaled_loss = loss / _num_replicas()
-        return self._apply(tape, loss, scaled_loss)
+        return self._minimize(lambda: self.diffusion_loss(latents, ids, t, noise))
 
     def test_step(self, data):
         (latents, ids), (t, noise) = data

@@ -9,10 +9,9 @@ from diffusion_tf.layers.base import Layer
 
 # The largest float32 score matrix [B, H, chunk, Nk] one attention call holds at a time.
 # Longer query sequences are processed in chunks of queries; each query's softmax row does
-# not depend on the others, so chunking changes only float rounding (matmul blocking).
-# At 1024x1024 standard attention
-# would otherwise hold 2 x 8 x 16384^2 x 4 bytes = 16 GiB of scores (batch 2, 8 heads); SD
-# at 512 px (4096 tokens: 1 GiB) is chunked too, into 4.
+# not depend on the others, so chunking changes only float rounding (matmul blocking). At
+# 1024x1024 standard attention would otherwise hold 2 x 8 x 16384^2 x 4 bytes = 16 GiB of
+# scores (batch 2, 8 heads); SD at 512 px (4096 tokens: 1 GiB) is chunked too, into 4.
 MAX_SCORE_BYTES = 256 * 2**20
 
 
@@ -41,8 +40,7 @@ def _attend(q, k, v, scale, mask, dtype):
         scores = scores + ops.cast(mask, "float32")
     if keras.backend.standardize_dtype(dtype) == "float32" and mask is None:
         weights = ops.exp(scores - ops.max(scores, axis=-1, keepdims=True))
-        out = ops.matmul(weights, v) / ops.sum(weights, axis=-1, keepdims=True)
-        return out
+        return ops.matmul(weights, v) / ops.sum(weights, axis=-1, keepdims=True)
     probs = ops.cast(ops.softmax(scores, axis=-1), dtype)
     return ops.matmul(probs, v)
 
