@@ -11,6 +11,7 @@ A folder is written to a temporary sibling and renamed into place, so a failed o
 interrupted write never leaves a partial folder at the destination.
 """
 
+import functools
 import json
 import os
 import shutil
@@ -53,10 +54,11 @@ def read_config(folder):
     return config
 
 
-def write_folder(dst, config, models, dtype=None, tokenizer_files=None, overwrite=False):
+def write_folder(dst, config, models, dtype=None, tokenizer_files=None, overwrite=False, progress=None):
     """Write `config` and the `models` {component: keras model} to `dst` atomically.
 
     `tokenizer_files`: a folder with vocab.json and merges.txt to copy, or None.
+    `progress(component, done, total)`, if given, is called after each tensor is written.
     """
     from diffusion_tf.state_dict import save_weights
 
@@ -68,7 +70,8 @@ def write_folder(dst, config, models, dtype=None, tokenizer_files=None, overwrit
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.", suffix=".tmp", dir=parent)
     try:
         for component, model in models.items():
-            save_weights(model, weights_path(tmp, component), dtype=dtype)
+            step = None if progress is None else functools.partial(progress, component)
+            save_weights(model, weights_path(tmp, component), dtype=dtype, progress=step)
         if tokenizer_files:
             os.makedirs(os.path.join(tmp, "tokenizer"))
             for name in ("vocab.json", "merges.txt"):

@@ -89,12 +89,13 @@ def get_state_dict(model):
     }
 
 
-def set_state_dict(model, state_dict, source="state dict"):
+def set_state_dict(model, state_dict, source="state dict", progress=None):
     """Assign a PyTorch-layout state dict to `model`, strictly.
 
     Every variable must get a value of the right shape and every entry must be
     used; otherwise a WeightsError names the keys, and the model is unchanged
-    (all checks run before the first assignment).
+    (all checks run before the first assignment). `progress(done, total)`, if given,
+    is called after each tensor is assigned.
     """
     variables = named_variables(model)
     missing = sorted(set(variables) - set(state_dict))
@@ -119,13 +120,17 @@ def set_state_dict(model, state_dict, source="state dict"):
         if not np.all(np.isfinite(value)):
             raise WeightsError(f"{source}: {key} contains NaN or Inf values.")
         del value
-    for key, (var, perm) in variables.items():
+    for done, (key, (var, perm)) in enumerate(variables.items(), 1):
         inverse = tuple(np.argsort(perm)) if perm else None
         var.assign(np.ascontiguousarray(_to_torch(np.asarray(state_dict[key]), inverse), dtype=var.dtype))
+        if progress is not None:
+            progress(done, len(variables))
 
 
-def save_weights(model, path, dtype=None):
-    """Write the model's state dict to an HDF5 file, atomically (temp file + rename)."""
+def save_weights(model, path, dtype=None, progress=None):
+    """Write the model's state dict to an HDF5 file, atomically (temp file + rename).
+
+    `progress(done, total)`, if given, is called after each tensor is written."""
     state = get_state_dict(model)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=folder)
@@ -134,8 +139,10 @@ def save_weights(model, path, dtype=None):
         with h5py.File(tmp, "w") as f:
             f.attrs["format"] = "diffusion_tf.state_dict.v1"
             f.attrs["model"] = type(model).__name__
-            for key, value in state.items():
+            for done, (key, value) in enumerate(state.items(), 1):
                 f.create_dataset(key, data=value.astype(dtype) if dtype else value)
+                if progress is not None:
+                    progress(done, len(state))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -6,6 +6,7 @@ either used or listed as unused; any failure names the key and leaves nothing
 at the destination (the folder is built in a temporary sibling and renamed).
 """
 
+import functools
 import glob
 import json
 import os
@@ -150,14 +151,28 @@ def original_tables(models, configs):
     return _tables(models, configs, True, _family(configs))
 
 
-def _assign(models, tables, sources, what):
+class _Progress:
+    """Logs "<verb> <component>: done/total tensors (p%)" at each quarter of a component, so a
+    long conversion shows it is moving without a line per tensor."""
+
+    def __init__(self, log, verb):
+        self.log, self.verb = log, verb
+
+    def __call__(self, component, done, total):
+        if done == total or (done * 4) // total != ((done - 1) * 4) // total:
+            self.log(f"{self.verb} {component}: {done}/{total} tensors ({100 * done // total}%)")
+
+
+def _assign(models, tables, sources, what, log=_log):
     from diffusion_tf.state_dict import get_state_dict, set_state_dict
 
     used = {}
+    progress = _Progress(log, "assigning")
     for c in COMPONENTS:
         shapes = {k: v.shape for k, v in get_state_dict(models[c]).items()}
         state, used[c] = resolve(tables[c], sources[c], shapes, f"{what} ({c})")
-        set_state_dict(models[c], {k: v.astype(np.float32) for k, v in state.items()}, f"{what} ({c})")
+        set_state_dict(models[c], {k: v.astype(np.float32) for k, v in state.items()}, f"{what} ({c})",
+                       progress=functools.partial(progress, c))
     return used
 
 
@@ -202,7 +217,7 @@ def convert_checkpoint(src, dst, config=None, prediction_type=None, dtype="float
     log(f"building the {family.upper()}.x architecture")
     models = _build(configs)
     tables = _tables(models, configs, single_file, family)
-    used = _assign(models, tables, sources, src)
+    used = _assign(models, tables, sources, src, log)
 
     if single_file:
         unused = sorted(set(tensors) - set().union(*used.values()))
@@ -229,7 +244,8 @@ def convert_checkpoint(src, dst, config=None, prediction_type=None, dtype="float
         weights_dtype=dtype,
         unused_checkpoint_keys=unused,
     )
-    write_folder(dst, folder_config, models, dtype=dtype, tokenizer_files=tokenizer_files, overwrite=overwrite)
+    write_folder(dst, folder_config, models, dtype=dtype, tokenizer_files=tokenizer_files, overwrite=overwrite,
+                 progress=_Progress(log, "writing"))
     log(f"wrote {dst}")
     return dst
 

@@ -96,6 +96,30 @@ def test_unused_entries_are_listed_and_float16_storage(sd1_file, tmp_path):
     assert all(v.dtype == np.float16 for v in read_weights(os.path.join(dst, "unet.weights.h5")).values())
 
 
+def test_conversion_reports_progress_per_tensor(sd1_file, tmp_path):
+    """Each component's assignment and writing is logged at every quarter of its tensors."""
+    import re
+
+    from diffusion_tf.state_dict import read_weights
+    from weights_port.convert import convert_checkpoint
+
+    lines = []
+    dst = convert_checkpoint(sd1_file, str(tmp_path / "m"), config=tiny_models.fixture_dir("tiny-sd1"),
+                             log=lines.append)
+    for verb in ("assigning", "writing"):
+        for component in ("text_encoder", "unet", "vae"):
+            total = len(read_weights(os.path.join(dst, f"{component}.weights.h5")))
+            counts = [
+                (int(m.group(1)), int(m.group(2)), int(m.group(3)))
+                for m in (re.fullmatch(rf"{verb} {component}: (\d+)/(\d+) tensors \((\d+)%\)", x) for x in lines)
+                if m
+            ]
+            assert len(counts) == 4, (verb, component, lines)
+            assert [c[1] for c in counts] == [total] * 4 and counts[-1][:1] == (total,) and counts[-1][2] == 100
+            assert [c[0] for c in counts] == sorted(c[0] for c in counts)
+    assert lines[-1] == f"wrote {dst}"
+
+
 def test_destination_is_never_clobbered_or_half_written(sd1_file, tmp_path, monkeypatch):
     from diffusion_tf import model_folder
     from weights_port.convert import convert_checkpoint
