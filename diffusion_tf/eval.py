@@ -2,6 +2,7 @@
 
     python -m diffusion_tf.eval --model FOLDER_OR_PRESET --n 100 --seed 0 --out report.json --grid grid.png
     python -m diffusion_tf.eval --dataset --n 100 --out report.json   # the analyser's self-check
+    python -m diffusion_tf.eval --vae-roundtrip runs/shapes --n 400   # what the VAE alone keeps
 
 The analyser (`analyse`), numpy only, in two passes:
 
@@ -325,6 +326,43 @@ def generate_images(prompts, model=None, steps=None, seed=0, batch=10, guidance=
     return np.concatenate(out, axis=0)
 
 
+def load_vae(source):
+    """The AutoencoderKL of `source`: a model folder (config.json + vae.weights.h5), a
+    training run's --save folder (its checkpoints/vae.h5) or such a checkpoint file (EMA
+    weights). ValueError naming the path when it is none of these."""
+    from diffusion_tf import train  # lazy: TensorFlow only when a model runs
+
+    path = os.fspath(source)
+    checkpoint = path if os.path.isfile(path) else train.checkpoint_path(path, "vae")
+    if os.path.isfile(os.path.join(path, "vae.weights.h5")) and os.path.isfile(os.path.join(path, "config.json")):
+        from diffusion_tf.components import build_model
+        from diffusion_tf.state_dict import load_weights
+
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            vae = build_model("vae", json.load(f)["vae"])
+        load_weights(vae, os.path.join(path, "vae.weights.h5"))
+        return vae
+    if os.path.isfile(checkpoint):
+        meta = train.read_checkpoint_meta(checkpoint)
+        return train.models_from_checkpoint(checkpoint, meta["configs"], ["vae"])["vae"]
+    raise ValueError(
+        f"vae_roundtrip={path!r} is not a model folder (config.json and vae.weights.h5), a training "
+        "--save folder with checkpoints/vae.h5, or a VAE training checkpoint."
+    )
+
+
+def vae_roundtrip(vae, images, batch=100):
+    """uint8 images -> uint8 decode(encode(images)) (posterior means, no sampling)."""
+    from keras import ops
+
+    out = []
+    for b in range(0, len(images), batch):
+        x = ops.cast(images[b:b + batch], "float32") / 127.5 - 1.0
+        out.append(ops.convert_to_numpy(ops.cast(vae.decode(vae.encode(x)), "float32")))
+    rec = np.concatenate(out, axis=0)
+    return np.clip(np.rint((rec + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
 def _positive_int(text):
     try:
         value = int(text)
@@ -362,6 +400,10 @@ def build_parser():
     src.add_argument("--dataset", action="store_true",
                      help="judge the dataset's own rendered images (make_dataset(N, SEED)) instead of a model: "
                           "the analyser's self-check")
+    src.add_argument("--vae-roundtrip", default=None, metavar="SOURCE",
+                     help="judge the dataset's images after encode -> decode by the VAE of SOURCE (a model "
+                          "folder, a training --save folder or its checkpoints/vae.h5): what the VAE alone "
+                          "keeps, the ceiling of a model that uses it")
     p.add_argument("--n", type=_positive_int, default=100, help="number of prompts (default 100)")
     p.add_argument("--seed", type=_non_negative_int, default=0,
                    help="seed of the prompts and of the generation (prompt k uses seed + k; default 0)")
@@ -379,10 +421,19 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.dataset:
         images, prompts = shapes.make_dataset(args.n, args.seed)
         source = "dataset"
+    elif args.vae_roundtrip:
+        try:
+            vae = load_vae(args.vae_roundtrip)
+        except ValueError as e:
+            parser.error(str(e))
+        images, prompts = shapes.make_dataset(args.n, args.seed)
+        images = vae_roundtrip(vae, images)
+        source = "vae_roundtrip"
     else:
         prompts = shapes.sample_prompts(args.n, args.seed)
         images = generate_images(prompts, model=args.model, steps=args.steps, seed=args.seed,
@@ -391,13 +442,16 @@ def main(argv=None):
         source = "model"
     verdicts = [judge(img, prompt) for img, prompt in zip(images, prompts)]
     scores = score(verdicts)
-    label = "dataset (rendered images)" if args.dataset else f"model {args.model or '(default)'}"
+    label = {
+        "dataset": "dataset (rendered images)",
+        "vae_roundtrip": f"dataset through the VAE of {args.vae_roundtrip}",
+    }.get(source, f"model {args.model or '(default)'}")
     print(f"{label}: {args.n} prompts, seed {args.seed}" + ("" if args.steps is None else f", {args.steps} steps"))
     print(format_table(scores))
     if args.out:
         report = {
             "source": source,
-            "model": None if args.dataset else args.model,
+            "model": {"dataset": None, "vae_roundtrip": args.vae_roundtrip}.get(source, args.model),
             "n": args.n,
             "seed": args.seed,
             "steps": args.steps,

@@ -89,7 +89,9 @@ PRESETS = {
         "train": {
             "dataset_size": 10000, "ema_decay": 0.999, "warmup": 200, "kl_weight": 1e-4, "val_batches": 4,
             "prediction": "v_prediction", "schedule": "linear",
-            "vae": {"epochs": 3, "steps": 200, "lr": 1e-3, "batch_size": 32},
+            # 8 x 300 at batch 16 (26 min on 2 cores): the round trip keeps 99.5% of held-out
+            # shapes judged right; 3 x 200 at batch 32 kept 81.5% (blurred triangles -> circles).
+            "vae": {"epochs": 8, "steps": 300, "lr": 1e-3, "batch_size": 16},
             "decoder": {"epochs": 4, "steps": 250, "lr": 5e-4, "batch_size": 32},
             "unet": {"epochs": 16, "steps": 300, "lr": 1e-3, "batch_size": 32},
         },

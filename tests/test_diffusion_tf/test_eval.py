@@ -193,3 +193,46 @@ def test_cli_argument_errors(capsys):
             ev.main(argv)
         assert e.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_cli_vae_roundtrip(monkeypatch, tmp_path, capsys):
+    """--vae-roundtrip judges the dataset after encode -> decode: a lossless stand-in keeps
+    every image right, a blurring one loses shapes; the report says what was judged."""
+    class Identity:
+        def encode(self, x):
+            return x
+
+        def decode(self, z):
+            return z
+
+    class Blur(Identity):
+        def decode(self, z):  # a 9x9 box blur (edge pixels repeated)
+            z = np.pad(np.asarray(z), ((0, 0), (4, 4), (4, 4), (0, 0)), mode="edge")
+            c = np.cumsum(np.cumsum(np.pad(z, ((0, 0), (1, 0), (1, 0), (0, 0))), 1), 2)
+            return (c[:, 9:, 9:] - c[:, :-9, 9:] - c[:, 9:, :-9] + c[:, :-9, :-9]) / 81.0
+
+    out = tmp_path / "r.json"
+    for vae, perfect in ((Identity(), True), (Blur(), False)):
+        monkeypatch.setattr(ev, "load_vae", lambda source, vae=vae: vae)
+        assert ev.main(["--vae-roundtrip", "some/run", "--n", "40", "--seed", "2", "--out", str(out)]) == 0
+        report = json.loads(out.read_text())
+        assert report["source"] == "vae_roundtrip" and report["model"] == "some/run"
+        assert [item["prompt"] for item in report["items"]] == make_dataset(40, 2)[1]
+        if perfect:
+            assert report["scores"]["all"] == 1.0
+        else:
+            assert report["scores"]["shape"] < 0.9 and report["scores"]["background"] == 1.0
+    assert "through the VAE of some/run" in capsys.readouterr().out
+
+
+def test_vae_roundtrip_loads_a_model_folder_and_refuses_other_paths(tmp_path, capsys):
+    from support import tiny_models
+
+    vae = ev.load_vae(tiny_models.converted_folder("tiny-sd1"))
+    images = make_dataset(3, 0)[0]
+    rec = ev.vae_roundtrip(vae, images, batch=2)
+    assert rec.shape == images.shape and rec.dtype == np.uint8
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--vae-roundtrip", str(tmp_path)])
+    assert e.value.code == 2
+    assert "is not a model folder" in capsys.readouterr().err
