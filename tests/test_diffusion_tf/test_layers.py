@@ -198,3 +198,8 @@ def test_chunked_attention_equals_whole_attention():
         np.testing.assert_allclose(out, whole, rtol=1e-5, atol=1e-6)  # matmul blocking: rounding only
     assert attention._query_chunk(2, 8, 16384, 16384, attention.MAX_SCORE_BYTES) * 2 * 8 * 16384 * 4 <= 2**28
     assert attention._query_chunk(2, 8, 64, 77, attention.MAX_SCORE_BYTES) is None  # small: one matrix
+    # cache-sized blocks for speed: SD at 256 px (1024 tokens) in chunks of 64, 512 px in chunks of 256;
+    # a 16x16 map (256 tokens, 4 MiB of scores) stays one matrix
+    assert attention._query_chunk(2, 8, 1024, 1024, attention.MAX_SCORE_BYTES) == 64
+    assert attention._query_chunk(2, 8, 4096, 4096, attention.MAX_SCORE_BYTES) == 256
+    assert attention._query_chunk(2, 8, 256, 256, attention.MAX_SCORE_BYTES) is None
