@@ -326,43 +326,6 @@ def generate_images(prompts, model=None, steps=None, seed=0, batch=10, guidance=
     return np.concatenate(out, axis=0)
 
 
-def load_vae(source):
-    """The AutoencoderKL of `source`: a model folder (config.json + vae.weights.h5), a
-    training run's --save folder (its checkpoints/vae.h5) or such a checkpoint file (EMA
-    weights). ValueError naming the path when it is none of these."""
-    from diffusion_tf import train  # lazy: TensorFlow only when a model runs
-
-    path = os.fspath(source)
-    checkpoint = path if os.path.isfile(path) else train.checkpoint_path(path, "vae")
-    if os.path.isfile(os.path.join(path, "vae.weights.h5")) and os.path.isfile(os.path.join(path, "config.json")):
-        from diffusion_tf.components import build_model
-        from diffusion_tf.state_dict import load_weights
-
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            vae = build_model("vae", json.load(f)["vae"])
-        load_weights(vae, os.path.join(path, "vae.weights.h5"))
-        return vae
-    if os.path.isfile(checkpoint):
-        meta = train.read_checkpoint_meta(checkpoint)
-        return train.models_from_checkpoint(checkpoint, meta["configs"], ["vae"])["vae"]
-    raise ValueError(
-        f"vae_roundtrip={path!r} is not a model folder (config.json and vae.weights.h5), a training "
-        "--save folder with checkpoints/vae.h5, or a VAE training checkpoint."
-    )
-
-
-def vae_roundtrip(vae, images, batch=100):
-    """uint8 images -> uint8 decode(encode(images)) (posterior means, no sampling)."""
-    from keras import ops
-
-    out = []
-    for b in range(0, len(images), batch):
-        x = ops.cast(images[b:b + batch], "float32") / 127.5 - 1.0
-        out.append(ops.convert_to_numpy(ops.cast(vae.decode(vae.encode(x)), "float32")))
-    rec = np.concatenate(out, axis=0)
-    return np.clip(np.rint((rec + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
 def _positive_int(text):
     try:
         value = int(text)
@@ -427,12 +390,14 @@ def main(argv=None):
         images, prompts = shapes.make_dataset(args.n, args.seed)
         source = "dataset"
     elif args.vae_roundtrip:
+        from diffusion_tf import train  # lazy: TensorFlow only when a model runs
+
         try:
-            vae = load_vae(args.vae_roundtrip)
+            vae = train.load_vae_from(args.vae_roundtrip)
         except ValueError as e:
-            parser.error(str(e))
+            parser.error(f"--vae-roundtrip: {e}")
         images, prompts = shapes.make_dataset(args.n, args.seed)
-        images = vae_roundtrip(vae, images)
+        images = train.vae_roundtrip(vae, images)
         source = "vae_roundtrip"
     else:
         prompts = shapes.sample_prompts(args.n, args.seed)

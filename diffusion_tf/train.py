@@ -841,6 +841,37 @@ def models_from_checkpoint(path, configs, components, group="ema"):
     return out
 
 
+
+def load_vae_from(source):
+    """The AutoencoderKL of `source`: a model folder (config.json + vae.weights.h5), a
+    training run's --save folder (its checkpoints/vae.h5) or such a checkpoint file (EMA
+    weights). ValueError naming the path when it is none of these."""
+    from diffusion_tf.state_dict import load_weights
+
+    path = os.fspath(source)
+    if os.path.isfile(os.path.join(path, "vae.weights.h5")) and os.path.isfile(os.path.join(path, "config.json")):
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            vae = build_model("vae", json.load(f)["vae"])
+        load_weights(vae, os.path.join(path, "vae.weights.h5"))
+        return vae
+    checkpoint = path if os.path.isfile(path) else checkpoint_path(path, "vae")
+    if os.path.isfile(checkpoint):
+        return models_from_checkpoint(checkpoint, read_checkpoint_meta(checkpoint)["configs"], ["vae"])["vae"]
+    raise ValueError(
+        f"{path!r} is not a model folder (config.json and vae.weights.h5), a training --save folder "
+        "with checkpoints/vae.h5, or a VAE training checkpoint."
+    )
+
+
+def vae_roundtrip(vae, images, batch=100):
+    """uint8 images [n, h, w, 3] -> uint8 decode(encode(images)) (posterior means, no sampling),
+    `batch` images per call."""
+    out = []
+    for b in range(0, len(images), batch):
+        x = ops.cast(images[b:b + batch], "float32") / 127.5 - 1.0
+        out.append(_to_uint8(ops.convert_to_numpy(ops.cast(vae.decode(vae.encode(x)), "float32"))))
+    return np.concatenate(out, axis=0)
+
 VAL_SEED_OFFSET = 1_000_003  # the held-out evaluation shapes come from seed + this
 # --eval-every draws its prompts with seed + this (not `python -m diffusion_tf.eval`'s default seed 0).
 EVAL_SEED_OFFSET = 7_000_001
@@ -996,17 +1027,12 @@ class TrainingRun:
     def _load_vae(self):
         """The trained VAE (EMA weights): the UNet checkpoint's copy when the UNet stage has
         started, else --vae FOLDER, else checkpoints/vae.h5."""
-        from diffusion_tf.state_dict import load_weights
-
         unet_ckpt = checkpoint_path(self.save, "unet")
         if self.actions.get("unet") in ("resume", "done"):
             self.configs["vae"] = read_checkpoint_meta(unet_ckpt)["configs"]["vae"]
             return models_from_checkpoint(unet_ckpt, self.configs, ["vae"], group="frozen")["vae"]
-        if self.o.vae:
-            with open(os.path.join(self.o.vae, "config.json"), encoding="utf-8") as f:
-                cfg = json.load(f)["vae"]
-            vae = build_model("vae", cfg)
-            load_weights(vae, os.path.join(self.o.vae, "vae.weights.h5"))
+        if self.o.vae:  # a model folder (plan() checked)
+            vae = load_vae_from(self.o.vae)
             self.configs["vae"] = {k: v for k, v in vae.get_config().items() if k not in ("name", "trainable", "dtype")}
             return vae
         path = checkpoint_path(self.save, "vae")
@@ -1173,8 +1199,7 @@ class TrainingRun:
     def write_reconstructions(self, vae, images):
         from PIL import Image
 
-        x = ops.cast(images, "float32") / 127.5 - 1.0
-        recon = _to_uint8(ops.convert_to_numpy(vae.decode(vae.encode(x))))
+        recon = vae_roundtrip(vae, images)
         grid = np.concatenate([np.concatenate(list(images), axis=1), np.concatenate(list(recon), axis=1)], axis=0)
         image = Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST)
         _save_image(image, os.path.join(self.save, "vae_reconstruction.png"))

@@ -213,7 +213,7 @@ def test_cli_vae_roundtrip(monkeypatch, tmp_path, capsys):
 
     out = tmp_path / "r.json"
     for vae, perfect in ((Identity(), True), (Blur(), False)):
-        monkeypatch.setattr(ev, "load_vae", lambda source, vae=vae: vae)
+        monkeypatch.setattr("diffusion_tf.train.load_vae_from", lambda source, vae=vae: vae)
         assert ev.main(["--vae-roundtrip", "some/run", "--n", "40", "--seed", "2", "--out", str(out)]) == 0
         report = json.loads(out.read_text())
         assert report["source"] == "vae_roundtrip" and report["model"] == "some/run"
@@ -228,9 +228,11 @@ def test_cli_vae_roundtrip(monkeypatch, tmp_path, capsys):
 def test_vae_roundtrip_loads_a_model_folder_and_refuses_other_paths(tmp_path, capsys):
     from support import tiny_models
 
-    vae = ev.load_vae(tiny_models.converted_folder("tiny-sd1"))
+    from diffusion_tf import train
+
+    vae = train.load_vae_from(tiny_models.converted_folder("tiny-sd1"))
     images = make_dataset(3, 0)[0]
-    rec = ev.vae_roundtrip(vae, images, batch=2)
+    rec = train.vae_roundtrip(vae, images, batch=2)
     assert rec.shape == images.shape and rec.dtype == np.uint8
     with pytest.raises(SystemExit) as e:
         ev.main(["--vae-roundtrip", str(tmp_path)])
