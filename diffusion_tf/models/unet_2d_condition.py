@@ -22,6 +22,12 @@ class UNet2DConditionModel(Model):
     `attention_head_dim` is, as in diffusers, the number of heads per block
     unless `num_attention_heads` is given. `attention="linear"` uses
     LinearAttention for the spatial self-attention (cross-attention stays softmax).
+
+    `coordinate_channels=True` is an extension (not in diffusers, off in every
+    converted model): conv_in also sees two channels of the latent pixel's x and y
+    in [-1, 1] (CoordConv), the absolute position signal that a UNet trained from
+    scratch otherwise gets only from zero padding. The built-in shapes model uses it to
+    learn named positions ("on the left").
     """
 
     def __init__(
@@ -44,6 +50,7 @@ class UNet2DConditionModel(Model):
         flip_sin_to_cos=True,
         freq_shift=0,
         attention="standard",
+        coordinate_channels=False,
         **kwargs,
     ):
         check_attention_type(attention)
@@ -146,6 +153,7 @@ class UNet2DConditionModel(Model):
         self.flip_sin_to_cos = flip_sin_to_cos
         self.freq_shift = freq_shift
         self.attention = attention
+        self.coordinate_channels = bool(coordinate_channels)
 
     @classmethod
     def from_config(cls, config, **overrides):
@@ -198,7 +206,10 @@ class UNet2DConditionModel(Model):
         temb = self.time_embedding(ops.cast(features, self.compute_dtype))
         context = ops.cast(context, self.compute_dtype)
 
-        x = self.conv_in(ops.cast(latents, self.compute_dtype))
+        latents = ops.cast(latents, self.compute_dtype)
+        if self.coordinate_channels:
+            latents = ops.concatenate([latents, self._coordinates(latents)], axis=-1)
+        x = self.conv_in(latents)
         skips = [x]
         for block in self.down_blocks:
             x, block_skips = block(x, temb, context)
@@ -211,6 +222,17 @@ class UNet2DConditionModel(Model):
             x = block(x, block_skips, temb, context, upsample_size=size)
         x = self.conv_out(silu(self.conv_norm_out(x)))
         return x
+
+    def _coordinates(self, latents):
+        """[B, h, w, 2]: x (left -1 .. right 1) and y (top -1 .. bottom 1) of each pixel."""
+        shape = ops.shape(latents)
+        b, h, w = shape[0], shape[1], shape[2]
+        ys = ops.linspace(-1.0, 1.0, h)
+        xs = ops.linspace(-1.0, 1.0, w)
+        grid = ops.stack(
+            [ops.broadcast_to(xs[None, :], (h, w)), ops.broadcast_to(ys[:, None], (h, w))], axis=-1
+        )
+        return ops.broadcast_to(ops.cast(grid, latents.dtype)[None], (b, h, w, 2))
 
     def build_weights(self):
         """Creates every variable with one small forward pass."""
@@ -244,6 +266,7 @@ class UNet2DConditionModel(Model):
                 "flip_sin_to_cos": self.flip_sin_to_cos,
                 "freq_shift": self.freq_shift,
                 "attention": self.attention,
+                "coordinate_channels": self.coordinate_channels,
             }
         )
         return config

@@ -134,6 +134,30 @@ def test_inpainting_unet_has_nine_input_channels():
     assert tuple(named_variables(unet)["conv_in.weight"][0].shape) == (3, 3, 9, 32)
 
 
+def test_coordinate_channels_give_the_unet_absolute_position():
+    unet = UNet2DConditionModel(**dict(TINY_UNET, coordinate_channels=True))
+    unet.build_weights()
+    kernel = named_variables(unet)["conv_in.weight"][0]
+    assert tuple(kernel.shape) == (3, 3, 4 + 2, 32)
+    clone = UNet2DConditionModel.from_config(unet.get_config())
+    clone.build_weights()
+    clone.set_weights(unet.get_weights())
+    coords = np.asarray(unet._coordinates(np.zeros((2, 5, 3, 4), "float32")))
+    np.testing.assert_allclose(coords[1, :, :, 0], [[-1, 0, 1]] * 5)  # x: left -> right
+    np.testing.assert_allclose(coords[1, :, 0, 1], [-1, -0.5, 0, 0.5, 1])  # y: top -> bottom
+    # Cutting conv_in's coordinate inputs changes the output away from the borders too,
+    # where zero padding gives no position signal.
+    x, t, ctx = np.full((1, 8, 8, 4), 0.3, "float32"), np.array([500]), rand(1, 7, 16)
+    out = np.asarray(clone(x, t, ctx))
+    np.testing.assert_allclose(out, np.asarray(unet(x, t, ctx)), atol=1e-6)
+    w = kernel.numpy()
+    w[:, :, 4:] = 0
+    kernel.assign(w)
+    flat = np.asarray(unet(x, t, ctx))
+    interior = (slice(None), slice(3, 5), slice(3, 5))  # away from the zero padding
+    assert np.abs(out[interior] - flat[interior]).max() > 1e-3
+
+
 def test_model_dtype_policy_reaches_every_layer():
     unet = UNet2DConditionModel(**TINY_UNET, dtype="mixed_bfloat16")
     out = unet(rand(1, 8, 8, 4), np.array([1]), rand(1, 3, 16))
