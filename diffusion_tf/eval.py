@@ -3,6 +3,7 @@
     python -m diffusion_tf.eval --model FOLDER_OR_PRESET --n 100 --seed 0 --out report.json --grid grid.png
     python -m diffusion_tf.eval --dataset --n 100 --out report.json   # the analyser's self-check
     python -m diffusion_tf.eval --vae-roundtrip runs/shapes --n 400   # what the VAE alone keeps
+    python -m diffusion_tf.eval --model runs/shapes --sensitivity      # which words the UNet uses
 
 The analyser (`analyse`), numpy only, in two passes:
 
@@ -346,6 +347,95 @@ def _non_negative_int(text):
     return value
 
 
+SENSITIVITY_TIMESTEPS = (200, 500, 700, 850, 950)
+_OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
+
+
+def altered_caption(spec, attribute):
+    """The caption of `spec` (which names position and background) with `attribute`
+    changed: the next palette colour that is neither the shape's nor the background's,
+    the next shape, or the opposite position."""
+    import dataclasses
+
+    if attribute == "color":
+        value = _next(shapes.COLORS, spec.color, exclude=(spec.color, spec.background))
+    elif attribute == "background":
+        value = _next(shapes.COLORS, spec.background, exclude=(spec.color, spec.background))
+    elif attribute == "shape":
+        value = _next(shapes.SHAPES, spec.shape)
+    elif attribute == "position":
+        value = _OPPOSITE[spec.position]
+    else:
+        raise ValueError(f"attribute={attribute!r}; expected one of {ATTRIBUTES}.")
+    return shapes.caption(dataclasses.replace(spec, **{attribute: value}))
+
+
+def _next(values, current, exclude=()):
+    i = list(values).index(current)
+    for k in range(1, len(values) + 1):
+        candidate = values[(i + k) % len(values)]
+        if candidate not in exclude and candidate != current:
+            return candidate
+    raise ValueError(f"no alternative to {current!r} in {values!r}")
+
+
+def caption_sensitivity(pipeline, n=64, seed=0, timesteps=SENSITIVITY_TIMESTEPS):
+    """How much the denoiser uses each word of the caption: its training loss on `n`
+    dataset images (every caption naming position and background) with the true caption
+    and with one attribute changed (`altered_caption`), at each timestep of `timesteps`
+    (the same noise for both). Returns {"loss": {t: loss}, attribute: {t: gap}}, gap =
+    (altered - true) / true: 0 when the UNet ignores that word, positive when it uses it.
+    Seconds for the small shapes model; `pipeline` is a 64x64 `Text2Image`."""
+    from keras import ops
+
+    if (pipeline.img_height, pipeline.img_width) != (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE):
+        raise ValueError(
+            f"caption_sensitivity needs a {shapes.IMAGE_SIZE}x{shapes.IMAGE_SIZE} shapes model; "
+            f"this one makes {pipeline.img_height}x{pipeline.img_width} images."
+        )
+    scheduler = pipeline.scheduler
+    alpha_bar = np.asarray(scheduler.alphas_cumprod, np.float64)
+    for t in timesteps:
+        if not 0 <= int(t) < len(alpha_bar):
+            raise ValueError(f"timestep {t} is outside 0..{len(alpha_bar) - 1}.")
+    images, captions, specs = shapes.make_dataset(n, seed, p_position=1.0, p_background=1.0, return_specs=True)
+    x0 = np.asarray(ops.convert_to_numpy(pipeline.encode(images)), np.float64)
+    contexts = {"true": pipeline.encode_text(captions)}
+    for attribute in ATTRIBUTES:
+        contexts[attribute] = pipeline.encode_text([altered_caption(s, attribute) for s in specs])
+    rng = np.random.default_rng(seed)
+    out = {"loss": {}, **{a: {} for a in ATTRIBUTES}}
+    for t in timesteps:
+        a = alpha_bar[int(t)]
+        eps = rng.standard_normal(x0.shape)
+        noisy = (np.sqrt(a) * x0 + np.sqrt(1 - a) * eps).astype(np.float32)
+        if scheduler.prediction_type == "v_prediction":
+            target = np.sqrt(a) * eps - np.sqrt(1 - a) * x0
+        else:
+            target = eps
+        steps = np.full((n,), float(t), np.float32)
+
+        def loss(context):
+            pred = ops.convert_to_numpy(pipeline.predict_noise(noisy, steps, context))
+            return float(np.mean((np.asarray(pred, np.float64) - target) ** 2))
+
+        base = loss(contexts["true"])
+        out["loss"][int(t)] = base
+        for attribute in ATTRIBUTES:
+            out[attribute][int(t)] = (loss(contexts[attribute]) - base) / base
+    return out
+
+
+def format_sensitivity(result):
+    """`caption_sensitivity`'s result as a text table (gaps in percent)."""
+    steps = list(result["loss"])
+    lines = ["attribute   " + " ".join(f"t={t:<6d}" for t in steps)]
+    lines.append("loss        " + " ".join(f"{result['loss'][t]:<8.4f}" for t in steps))
+    for attribute in ATTRIBUTES:
+        lines.append(f"{attribute:<12s}" + " ".join(f"{100 * result[attribute][t]:+7.2f}%" for t in steps))
+    return "\n".join(lines)
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog="python -m diffusion_tf.eval",
@@ -367,7 +457,10 @@ def build_parser():
                      help="judge the dataset's images after encode -> decode by the VAE of SOURCE (a model "
                           "folder, a training --save folder or its checkpoints/vae.h5): what the VAE alone "
                           "keeps, the ceiling of a model that uses it")
-    p.add_argument("--n", type=_positive_int, default=100, help="number of prompts (default 100)")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="with --model: instead of sampling, the denoiser's loss with each attribute of the "
+                        "caption changed, by timestep (which words the UNet uses; N images, default 64)")
+    p.add_argument("--n", type=_positive_int, default=None, help="number of prompts (default 100)")
     p.add_argument("--seed", type=_non_negative_int, default=0,
                    help="seed of the prompts and of the generation (prompt k uses seed + k; default 0)")
     p.add_argument("--steps", type=_positive_int, default=None,
@@ -386,6 +479,21 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.sensitivity:
+        if args.dataset or args.vae_roundtrip:
+            parser.error("--sensitivity measures a model: use it with --model (or the default model)")
+        from diffusion_tf.text2image import Text2Image
+
+        pipe = Text2Image(model=args.model)
+        try:
+            result = caption_sensitivity(pipe, n=args.n or 64, seed=args.seed)
+        except ValueError as e:
+            parser.error(f"--sensitivity: {e}")
+        print(f"model {args.model or '(default)'}: loss with each attribute changed, relative to the true caption "
+              f"({args.n or 64} images, seed {args.seed})")
+        print(format_sensitivity(result))
+        return 0
+    args.n = 100 if args.n is None else args.n
     if args.dataset:
         images, prompts = shapes.make_dataset(args.n, args.seed)
         source = "dataset"

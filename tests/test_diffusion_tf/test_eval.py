@@ -238,3 +238,48 @@ def test_vae_roundtrip_loads_a_model_folder_and_refuses_other_paths(tmp_path, ca
         ev.main(["--vae-roundtrip", str(tmp_path)])
     assert e.value.code == 2
     assert "is not a model folder" in capsys.readouterr().err
+
+
+def test_altered_caption_changes_exactly_one_attribute():
+    from diffusion_tf.shapes.dataset import parse_caption, random_specs
+
+    for spec in random_specs(40, 3, p_position=1.0, p_background=1.0):
+        true = parse_caption(ev.shapes.caption(spec))
+        for attribute in ev.ATTRIBUTES:
+            changed = parse_caption(ev.altered_caption(spec, attribute))
+            assert [k for k in ev.ATTRIBUTES if changed[k] != true[k]] == [attribute]
+            assert changed["color"] != changed["background"]
+        assert parse_caption(ev.altered_caption(spec, "position"))["position"] == ev._OPPOSITE[spec.position]
+    with pytest.raises(ValueError, match="size"):
+        ev.altered_caption(spec, "size")
+
+
+def test_caption_sensitivity_is_zero_for_a_model_deaf_to_the_caption(monkeypatch):
+    """A random tiny model's output depends on its caption; with the text encoder's output
+    replaced by one fixed context, every gap is exactly zero."""
+    from keras import ops
+    from support import tiny_models
+
+    from diffusion_tf import Text2Image
+
+    pipe = Text2Image(model=tiny_models.converted_folder("tiny-sd1"))
+    result = ev.caption_sensitivity(pipe, n=6, seed=1, timesteps=(100, 900))
+    assert list(result["loss"]) == [100, 900] and all(v > 0 for v in result["loss"].values())
+    assert any(abs(result[a][t]) > 1e-4 for a in ev.ATTRIBUTES for t in (100, 900)), result
+    table = ev.format_sensitivity(result)
+    assert "position" in table and "t=900" in table
+
+    fixed = pipe.encode_text(["a red circle"])
+    monkeypatch.setattr(pipe, "encode_text", lambda prompts: ops.repeat(fixed, len(prompts), axis=0))
+    deaf = ev.caption_sensitivity(pipe, n=6, seed=1, timesteps=(100, 900))
+    assert all(deaf[a][t] == 0.0 for a in ev.ATTRIBUTES for t in (100, 900)), deaf
+    with pytest.raises(ValueError, match="outside"):
+        ev.caption_sensitivity(pipe, n=2, timesteps=(1000,))
+
+
+def test_cli_sensitivity_needs_a_model(capsys):
+    for argv in (["--sensitivity", "--dataset"], ["--sensitivity", "--vae-roundtrip", "x"]):
+        with pytest.raises(SystemExit) as e:
+            ev.main(argv)
+        assert e.value.code == 2
+    assert "--sensitivity" in capsys.readouterr().err
