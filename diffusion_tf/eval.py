@@ -34,6 +34,7 @@ does not name them.
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -355,8 +356,6 @@ def altered_caption(spec, attribute):
     """The caption of `spec` (which names position and background) with `attribute`
     changed: the next palette colour that is neither the shape's nor the background's,
     the next shape, or the opposite position."""
-    import dataclasses
-
     if attribute == "color":
         value = _next(shapes.COLORS, spec.color, exclude=(spec.color, spec.background))
     elif attribute == "background":
@@ -388,6 +387,8 @@ def caption_sensitivity(pipeline, n=64, seed=0, timesteps=SENSITIVITY_TIMESTEPS)
     Seconds for the small shapes model; `pipeline` is a 64x64 `Text2Image`."""
     from keras import ops
 
+    from diffusion_tf.schedulers.schedule import model_target
+
     if (pipeline.img_height, pipeline.img_width) != (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE):
         raise ValueError(
             f"caption_sensitivity needs a {shapes.IMAGE_SIZE}x{shapes.IMAGE_SIZE} shapes model; "
@@ -409,10 +410,7 @@ def caption_sensitivity(pipeline, n=64, seed=0, timesteps=SENSITIVITY_TIMESTEPS)
         a = alpha_bar[int(t)]
         eps = rng.standard_normal(x0.shape)
         noisy = (np.sqrt(a) * x0 + np.sqrt(1 - a) * eps).astype(np.float32)
-        if scheduler.prediction_type == "v_prediction":
-            target = np.sqrt(a) * eps - np.sqrt(1 - a) * x0
-        else:
-            target = eps
+        target = model_target(scheduler.prediction_type, x0, eps, a)
         steps = np.full((n,), float(t), np.float32)
 
         def loss(context):
@@ -484,13 +482,14 @@ def main(argv=None):
             parser.error("--sensitivity measures a model: use it with --model (or the default model)")
         from diffusion_tf.text2image import Text2Image
 
+        n = 64 if args.n is None else args.n
         pipe = Text2Image(model=args.model)
         try:
-            result = caption_sensitivity(pipe, n=args.n or 64, seed=args.seed)
+            result = caption_sensitivity(pipe, n=n, seed=args.seed)
         except ValueError as e:
             parser.error(f"--sensitivity: {e}")
         print(f"model {args.model or '(default)'}: loss with each attribute changed, relative to the true caption "
-              f"({args.n or 64} images, seed {args.seed})")
+              f"({n} images, seed {args.seed})")
         print(format_sensitivity(result))
         return 0
     args.n = 100 if args.n is None else args.n

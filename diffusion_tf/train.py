@@ -59,6 +59,7 @@ from keras import ops
 
 from diffusion_tf.components import build_model
 from diffusion_tf.layers import base
+from diffusion_tf.schedulers.schedule import model_target
 from diffusion_tf.shapes import dataset as shapes
 from diffusion_tf.state_dict import named_variables
 
@@ -605,11 +606,8 @@ class DiffusionTrainer(_Trainer):
         noise = ops.cast(noise, "float32")
         t = ops.cast(t, "int32")
         noisy = self.noise_schedule.add_noise(x0, noise, t)
-        if self.prediction_type == "epsilon":
-            target = noise
-        else:  # v = sqrt(a) eps - sqrt(1 - a) x0
-            a = ops.reshape(self.noise_schedule.alpha_bar(t), (-1, 1, 1, 1))
-            target = ops.sqrt(a) * noise - ops.sqrt(1.0 - a) * x0
+        a = ops.reshape(self.noise_schedule.alpha_bar(t), (-1, 1, 1, 1))
+        target = model_target(self.prediction_type, x0, noise, a)
         context = self.text_encoder(ops.cast(ids, "int32"))
         pred = ops.cast(self.unet(noisy, ops.cast(t, "float32"), context), "float32")
         return ops.mean(ops.square(pred - target))
@@ -841,7 +839,6 @@ def models_from_checkpoint(path, configs, components, group="ema"):
     return out
 
 
-
 def load_vae_from(source):
     """The AutoencoderKL of `source`: a model folder (config.json + vae.weights.h5), a
     training run's --save folder (its checkpoints/vae.h5) or such a checkpoint file (EMA
@@ -871,6 +868,7 @@ def vae_roundtrip(vae, images, batch=100):
         x = ops.cast(images[b:b + batch], "float32") / 127.5 - 1.0
         out.append(_to_uint8(ops.convert_to_numpy(ops.cast(vae.decode(vae.encode(x)), "float32"))))
     return np.concatenate(out, axis=0)
+
 
 VAL_SEED_OFFSET = 1_000_003  # the held-out evaluation shapes come from seed + this
 # --eval-every draws its prompts with seed + this (not `python -m diffusion_tf.eval`'s default seed 0).

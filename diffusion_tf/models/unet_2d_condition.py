@@ -26,8 +26,8 @@ class UNet2DConditionModel(Model):
     `coordinate_channels=True` is an extension (not in diffusers, off in every
     converted model): conv_in also sees two channels of the latent pixel's x and y
     in [-1, 1] (CoordConv), the absolute position signal that a UNet trained from
-    scratch otherwise gets only from zero padding. The built-in shapes model uses it to
-    learn named positions ("on the left").
+    scratch otherwise gets only from zero padding (tried for named positions in the
+    shapes model; see the README's training section).
     """
 
     def __init__(

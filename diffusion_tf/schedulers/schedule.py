@@ -102,6 +102,17 @@ def predicted_original_and_noise(prediction_type, model_output, sample, alpha_ba
     return x0, eps
 
 
+def model_target(prediction_type, original, noise, alpha_bar):
+    """What a denoiser of `prediction_type` is trained to output for
+    x_t = sqrt(a) x0 + sqrt(1 - a) eps: eps, v = sqrt(a) eps - sqrt(1 - a) x0, or x0
+    (the inverse of `predicted_original_and_noise`)."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return alpha_bar**0.5 * noise - (1 - alpha_bar) ** 0.5 * original
+    return original
+
+
 # ---------------------------------------------------------------- sigma (variance-exploding) view
 def train_sigmas(alphas_cumprod):
     """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) for every training timestep, float32.

@@ -361,3 +361,17 @@ def test_live_against_diffusers(case, steps):
     ours_t, ours = run_eager(make(case), steps, latents, noise)
     assert_timesteps_equal(ours_t, timesteps)
     assert np.abs(ours - final).max() <= TOL
+
+
+def test_model_target_is_the_inverse_of_predicted_original_and_noise():
+    from diffusion_tf.schedulers.schedule import PREDICTION_TYPES, model_target, predicted_original_and_noise
+
+    rng = np.random.default_rng(0)
+    x0, eps = rng.standard_normal((2, 3, 4, 4))
+    a = np.array([0.9, 0.3, 0.01])[:, None, None]
+    sample = a**0.5 * x0 + (1 - a) ** 0.5 * eps
+    for kind in PREDICTION_TYPES:
+        got_x0, got_eps = predicted_original_and_noise(kind, model_target(kind, x0, eps, a), sample, a)
+        np.testing.assert_allclose(got_x0, x0, atol=1e-9)
+        np.testing.assert_allclose(got_eps, eps, atol=1e-9)
+    np.testing.assert_allclose(model_target("v_prediction", x0, eps, a), a**0.5 * eps - (1 - a) ** 0.5 * x0)
