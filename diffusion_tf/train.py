@@ -15,7 +15,11 @@ LinearAttention in its self-attention. Two stages:
    once into latents (posterior mean x `scaling_factor`, which is set to 1 / std of those
    latents). DDPM training (`DiffusionTrainer`): t ~ U{0..T-1}, x_t = add_noise(x_0, eps, t),
    MSE between the UNet output and eps (or v); the caption is replaced by "" with
-   probability `cfg_drop`, for classifier-free guidance.
+   probability `cfg_drop`, for classifier-free guidance. The first `position_steps` steps
+   are a position phase: batches only of captions naming a position and a background,
+   t ~ U{position_t_min..T-1}, no caption drop. Where the shape is cannot be seen at high
+   noise, so the caption's position words are the only way to lower that loss; without
+   this phase the text encoder merges "left" and "right" and the UNet never learns them.
 
 Both are `keras.Model.fit` with a custom `train_step`, Adam with a linear warm-up, and an
 exponential moving average of the weights (`EMA`, its decay warming up as
@@ -90,6 +94,9 @@ PRESETS = {
         "train": {
             "dataset_size": 10000, "ema_decay": 0.999, "warmup": 200, "kl_weight": 1e-4, "val_batches": 4,
             "prediction": "v_prediction", "schedule": "linear",
+            # The position phase: the first 1200 UNet steps see only captions naming a position
+            # and a background, at t >= 800 (README, "Training a small model").
+            "position_steps": 1200,
             # 8 x 300 at batch 16 (26 min on 2 cores): the round trip keeps 99.5% of held-out
             # shapes judged right; 3 x 200 at batch 32 kept 81.5% (blurred triangles -> circles).
             "vae": {"epochs": 8, "steps": 300, "lr": 1e-3, "batch_size": 16},
@@ -141,7 +148,7 @@ EXIT_USAGE = 2
 # Options that define a run: a resumed run keeps the checkpoint's values.
 RUN_FIELDS = (
     "config", "T", "schedule", "prediction", "seed", "dataset_size", "ema_decay", "warmup",
-    "kl_weight", "cfg_drop", "steps", "lr", "batch_size", "vae_steps", "vae_lr", "vae_batch_size",
+    "kl_weight", "cfg_drop", "position_steps", "position_t_min", "steps", "lr", "batch_size", "vae_steps", "vae_lr", "vae_batch_size",
     "decoder_steps", "decoder_lr", "decoder_batch_size",
 )
 
@@ -197,6 +204,8 @@ class TrainOptions:
     warmup: int = None
     kl_weight: float = None
     cfg_drop: float = None
+    position_steps: int = None  # UNet stage: the first steps train on position-naming captions at high noise
+    position_t_min: int = None  # ... at t >= this (default 0.8 T)
     gif: bool = False
     gif_steps: int = 50
     gif_prompt: str = DEFAULT_PROMPT
@@ -233,7 +242,7 @@ class TrainOptions:
         train = PRESETS[o.config]["train"]
         defaults = dict(
             T=1000, schedule=train.get("schedule", "linear"), prediction=train.get("prediction", "epsilon"),
-            seed=0, cfg_drop=0.1,
+            seed=0, cfg_drop=0.1, position_steps=train.get("position_steps", 0),
             dataset_size=train["dataset_size"], ema_decay=train["ema_decay"],
             warmup=train["warmup"], kl_weight=train["kl_weight"],
         )
@@ -250,6 +259,12 @@ class TrainOptions:
             _int(prefix + "batch_size", getattr(o, prefix + "batch_size"), 1)
             _float(prefix + "lr", getattr(o, prefix + "lr"), 0, 1, low_open=True)
         _int("T", o.T, 2)
+        _int("position_steps", o.position_steps, 0)
+        if o.position_t_min is None:
+            o.position_t_min = int(round(0.8 * o.T))
+        _int("position_t_min", o.position_t_min, 0)
+        if o.position_t_min > o.T - 1:
+            raise ValueError(f"position_t_min={o.position_t_min!r}; must be at most T - 1 = {o.T - 1}.")
         o.schedule = _choice("schedule", o.schedule, tuple(SCHEDULES))
         o.prediction = _choice("prediction", o.prediction, PREDICTIONS)
         _int("seed", o.seed, 0)
@@ -356,6 +371,8 @@ def plan(options):
         for field in RUN_FIELDS:
             if stored.get(field) is not None:
                 setattr(options, field, stored[field])
+        if "position_steps" not in stored:  # a run from before the position phase existed
+            options.position_steps = 0
         for field in ("epochs", "vae_epochs", "decoder_epochs"):  # the totals: a resumed run may extend them
             if getattr(given, field) is None and stored.get(field) is not None:
                 setattr(options, field, stored[field])
@@ -586,12 +603,20 @@ class DiffusionTrainer(_Trainer):
     Evaluation batches are ((latents, ids), (t, noise)): a fixed batch gives a deterministic loss.
     `noise_schedule`: a `Scheduler` (its `add_noise` and `alpha_bar` are used).
     `uncond_ids` [77]: the tokens of "", which replace a caption with probability `cfg_drop`.
+    `high_noise_steps`, `high_noise_t_min`: the first `high_noise_steps` optimizer steps draw
+    t ~ U{high_noise_t_min..T-1} and never drop the caption (the position phase of
+    `TrainingRun`: at high noise the caption is all the UNet has to place the shape by).
     """
 
     def __init__(self, unet, text_encoder, noise_schedule, uncond_ids, prediction_type="epsilon",
-                 cfg_drop=0.1, seed=0, ema_decay=0.999, **kwargs):
+                 cfg_drop=0.1, seed=0, ema_decay=0.999, high_noise_steps=0, high_noise_t_min=0, **kwargs):
         super().__init__({"unet": unet, "text_encoder": text_encoder}, seed, ema_decay, **kwargs)
         _choice("prediction_type", prediction_type, PREDICTIONS)
+        T = int(noise_schedule.num_train_timesteps)
+        self.high_noise_steps = _int("high_noise_steps", high_noise_steps, 0)
+        self.high_noise_t_min = _int("high_noise_t_min", high_noise_t_min, 0)
+        if self.high_noise_t_min > T - 1:
+            raise ValueError(f"high_noise_t_min={high_noise_t_min!r}; must be at most T - 1 = {T - 1}.")
         self.unet = unet
         self.text_encoder = text_encoder
         self.noise_schedule = noise_schedule
@@ -612,16 +637,28 @@ class DiffusionTrainer(_Trainer):
         pred = ops.cast(self.unet(noisy, ops.cast(t, "float32"), context), "float32")
         return ops.mean(ops.square(pred - target))
 
-    def train_step(self, data):
-        latents, ids = data
-        batch = tf.shape(latents)[0]
-        step = self.optimizer.iterations
+    def timesteps_and_drops(self, batch, step):
+        """(t int32 [batch], drop bool [batch]) of optimizer step `step`: stateless draws."""
         t = tf.random.stateless_uniform(
             [batch], seed=_step_seed(self.seed, step, 1), minval=0,
             maxval=self.num_train_timesteps, dtype="int32",
         )
-        noise = tf.random.stateless_normal(tf.shape(latents), seed=_step_seed(self.seed, step, 2))
         drop = tf.random.stateless_uniform([batch], seed=_step_seed(self.seed, step, 3)) < self.cfg_drop
+        if self.high_noise_steps:
+            high = step < self.high_noise_steps
+            t_high = tf.random.stateless_uniform(
+                [batch], seed=_step_seed(self.seed, step, 4), minval=self.high_noise_t_min,
+                maxval=self.num_train_timesteps, dtype="int32",
+            )
+            t = tf.where(high, t_high, t)
+            drop = tf.logical_and(drop, tf.logical_not(high))
+        return t, drop
+
+    def train_step(self, data):
+        latents, ids = data
+        step = self.optimizer.iterations
+        t, drop = self.timesteps_and_drops(tf.shape(latents)[0], step)
+        noise = tf.random.stateless_normal(tf.shape(latents), seed=_step_seed(self.seed, step, 2))
         ids = tf.where(drop[:, None], tf.constant(self.uncond_ids)[None, :], ops.cast(ids, "int32"))
         return self._minimize(lambda: self.diffusion_loss(latents, ids, t, noise))
 
@@ -648,6 +685,21 @@ def batch_indices(n, batch_size, seed, start_step, end_step):
         out[pos - first: pos - first + take] = perm[offset: offset + take]
         pos += take
     return out.reshape(end_step - start_step, batch_size).astype(np.int32)
+
+
+def phased_batch_indices(n, batch_size, seed, start_step, end_step, first_steps, first_rows):
+    """`batch_indices` whose first `first_steps` global steps draw from `first_rows` only.
+
+    Steps >= first_steps are the usual stream, numbered from first_steps (so the
+    main phase sees whole epochs of the dataset)."""
+    first_rows = np.asarray(first_rows, np.int64)
+    parts = []
+    mid = min(max(start_step, first_steps), end_step)
+    if start_step < mid:
+        parts.append(first_rows[batch_indices(len(first_rows), batch_size, seed, start_step, mid)].astype(np.int32))
+    if mid < end_step:
+        parts.append(batch_indices(n, batch_size, seed, mid - first_steps, end_step - first_steps))
+    return np.concatenate(parts) if parts else np.zeros((0, batch_size), np.int32)
 
 
 def make_tf_dataset(arrays, indices):
@@ -892,6 +944,7 @@ class TrainingRun:
         self.strategy = pick_strategy(options.devices)
         self.tokenizer = CLIPTokenizer()
         self._datasets = {}
+        self._specs = {}
         self._extra_meta = {}
         self._extra_arrays = {}
         self._eval_pipe = None
@@ -904,11 +957,22 @@ class TrainingRun:
         if key not in self._datasets:
             t0 = time.time()
             seed = self.o.seed + VAL_SEED_OFFSET if held_out else self.o.seed
-            images, captions = shapes.make_dataset(n or self.o.dataset_size, seed)
+            images, captions, specs = shapes.make_dataset(n or self.o.dataset_size, seed, return_specs=True)
             self._datasets[key] = (images, captions, tokenize(self.tokenizer, captions))
+            self._specs[key] = specs
             if not held_out:
                 self.log(f"dataset: {len(images)} captioned shapes (seed {seed}) in {time.time() - t0:.1f}s")
         return self._datasets[key]
+
+    def position_rows(self):
+        """Rows of the training set whose captions name a position and a background: the
+        data of the position phase."""
+        self.dataset()
+        rows = [i for i, s in enumerate(self._specs["train"]) if s.position is not None and s.background_named]
+        if not rows:
+            raise ValueError(f"position_steps={self.o.position_steps}: none of the {self.o.dataset_size} "
+                             "training captions names a position and a background; use a larger dataset_size.")
+        return np.asarray(rows)
 
     def _val_size(self, stage):
         """The held-out evaluation set: `val_batches` batches of the stage's batch size."""
@@ -947,8 +1011,10 @@ class TrainingRun:
         self.write_loss_plot()
 
     # -------------------------------------------------------------- stages
-    def _fit(self, stage, trainer, arrays, val_arrays, resume):
-        """Builds the optimizer, restores the checkpoint when resuming, and runs fit."""
+    def _fit(self, stage, trainer, arrays, val_arrays, resume, first=(0, None)):
+        """Builds the optimizer, restores the checkpoint when resuming, and runs fit.
+
+        `first` = (steps, rows): the first `steps` global steps draw their batches from `rows` only."""
         h = self.o.stage_hparams(stage)
         replicas = self.strategy.num_replicas_in_sync
         if h["batch_size"] % replicas:
@@ -978,7 +1044,12 @@ class TrainingRun:
         if start == 0:
             before = trainer.evaluate(val_ds, steps=val_steps, verbose=0, return_dict=True)["loss"]
             history["val_loss"] = [float(before)]
-        indices = batch_indices(len(tf.nest.flatten(arrays)[0]), h["batch_size"], self.o.seed, start * h["steps"], h["epochs"] * h["steps"])
+        n, (first_steps, first_rows) = len(tf.nest.flatten(arrays)[0]), first
+        span = (start * h["steps"], h["epochs"] * h["steps"])
+        if first_steps:
+            indices = phased_batch_indices(n, h["batch_size"], self.o.seed, *span, first_steps, first_rows)
+        else:
+            indices = batch_indices(n, h["batch_size"], self.o.seed, *span)
         self.log(
             f"[{stage}] training epochs {start + 1}..{h['epochs']} x {h['steps']} steps, batch {h['batch_size']}, "
             f"lr {h['lr']}, {replicas} replica(s); held-out loss {history['val_loss'][-1]:.4f}"
@@ -1096,8 +1167,14 @@ class TrainingRun:
             val_t = rng.integers(0, self.o.T, len(val_images)).astype(np.int32)
             val_noise = rng.standard_normal(val_latents.shape, np.float32)
             trainer = self._unet_trainer()
+            first = (0, None)
+            if self.o.position_steps:
+                first = (self.o.position_steps, self.position_rows())
+                self.log(f"[unet] position phase: steps 1..{first[0]} on the {len(first[1])} images whose "
+                         f"captions name a position and a background, t in [{self.o.position_t_min}, {self.o.T}), "
+                         "no caption drop")
             self._fit("unet", trainer, (latents, ids), ((val_latents, val_ids), (val_t, val_noise)),
-                      resume=action == "resume")
+                      resume=action == "resume", first=first)
             self._eval_pipe = None
             shutil.rmtree(os.path.join(self.save, ".eval_model"), ignore_errors=True)
         models = models_from_checkpoint(path, self.configs, ["unet", "text_encoder"])
@@ -1122,6 +1199,7 @@ class TrainingRun:
             trainer = DiffusionTrainer(
                 unet, text_encoder, noise_schedule, uncond, prediction_type=self.o.prediction,
                 cfg_drop=self.o.cfg_drop, seed=self.o.seed, ema_decay=self.o.ema_decay,
+                high_noise_steps=self.o.position_steps, high_noise_t_min=self.o.position_t_min,
             )
         return trainer
 
@@ -1459,6 +1537,9 @@ def build_parser():
     a("--warmup", type=int, help="learning-rate warm-up steps")
     a("--kl-weight", type=float, help="weight of the VAE's KL term")
     a("--cfg-drop", type=float, help="probability of training on the empty caption (default 0.1)")
+    a("--position-steps", type=int, help="UNet stage: the first N steps train only on captions naming a position "
+      "and a background, at high noise, without caption drop (default: the preset's; 0: no position phase)")
+    a("--position-t-min", type=int, help="the position phase's lowest timestep (default 0.8 T)")
     a("--devices", type=int, default=0, help="0: every GPU, or every logical CPU, if several (default); 1: one device; N: the first N")
     a("--jit-compile", action="store_true", help="XLA-compile the train step")
     a("--run-eagerly", action="store_true", help="run the train step eagerly (debugging; no tracing)")

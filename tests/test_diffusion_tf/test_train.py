@@ -150,6 +150,70 @@ def test_batches_depend_only_on_the_step():
     assert not np.array_equal(batch_indices(10, 4, 4, 0, 9), whole)
 
 
+def test_position_phase_batches_come_from_its_rows_then_the_usual_stream():
+    from diffusion_tf.train import batch_indices, phased_batch_indices
+
+    rows = np.array([1, 4, 6, 9])
+    whole = phased_batch_indices(10, 3, 5, 0, 8, 3, rows)
+    assert whole.shape == (8, 3)
+    assert set(whole[:3].ravel()) <= set(rows) and set(whole[:3].ravel()) == set(rows)
+    # after the phase: the usual stream, numbered from the phase's end (whole passes over the data)
+    np.testing.assert_array_equal(whole[3:], batch_indices(10, 3, 5, 0, 5))
+    for cut in (1, 3, 6):  # a resumed run gets the same batches
+        np.testing.assert_array_equal(
+            whole, np.concatenate([phased_batch_indices(10, 3, 5, 0, cut, 3, rows),
+                                   phased_batch_indices(10, 3, 5, cut, 8, 3, rows)]))
+
+
+def test_high_noise_steps_draw_high_timesteps_and_keep_the_captions():
+    import tensorflow as tf
+
+    from diffusion_tf.components import build_model
+    from diffusion_tf.schedulers.scheduler import Scheduler
+    from diffusion_tf.train import PRESETS, DiffusionTrainer
+
+    cfg = PRESETS["tiny"]
+    sched = Scheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="v_prediction")
+    models = (build_model("unet", cfg["unet"]), build_model("text_encoder", cfg["text_encoder"]), sched,
+              np.zeros(77, np.int32))
+    trainer = DiffusionTrainer(*models, cfg_drop=1.0, high_noise_steps=5, high_noise_t_min=800)
+    for step in (0, 4):
+        t, drop = (np.asarray(x) for x in trainer.timesteps_and_drops(256, tf.constant(step, "int64")))
+        assert t.min() >= 800 and t.max() <= 999 and not drop.any(), step
+    t, drop = (np.asarray(x) for x in trainer.timesteps_and_drops(256, tf.constant(5, "int64")))
+    assert t.min() < 800 and drop.all()  # the usual draws from step 5 on
+    plain = DiffusionTrainer(*models, cfg_drop=1.0)
+    np.testing.assert_array_equal(np.asarray(plain.timesteps_and_drops(256, tf.constant(5, "int64"))[0]), t)
+    with pytest.raises(ValueError, match="high_noise_t_min=1000"):
+        DiffusionTrainer(*models, high_noise_steps=5, high_noise_t_min=1000)
+
+
+def test_position_phase_rows_name_a_position_and_a_background():
+    from diffusion_tf import train as T
+
+    options, actions = T.plan(T.TrainOptions(save="unused", config="tiny", dataset_size=200, position_steps=4))
+    run = T.TrainingRun(options, actions, log=lambda *_: None)
+    rows = run.position_rows()
+    _, captions, _ = run.dataset()
+    named = [i for i, c in enumerate(captions) if " on the " in c and c.endswith(" background")]
+    assert list(rows) == named and 20 < len(rows) < 100, len(rows)
+    assert options.position_t_min == 800 and T.TrainOptions(config="small").resolved().position_steps > 0
+
+
+def test_training_with_a_position_phase(trained, tmp_path):
+    from diffusion_tf import train as T
+
+    full, _, _ = trained
+    lines = []
+    save = str(tmp_path / "position")
+    r = T.train(save=save, stage="unet", vae=full, epochs=1, steps=3, position_steps=2, position_t_min=900,
+                log=lines.append, **FAST)
+    assert any("position phase: steps 1..2" in line and "t in [900, 1000)" in line for line in lines), lines
+    assert all(np.isfinite(r["histories"]["unet"]["loss"]))
+    meta = T.read_checkpoint_meta(T.checkpoint_path(save, "unet"))
+    assert meta["options"]["position_steps"] == 2 and meta["options"]["position_t_min"] == 900
+
+
 def test_small_preset_fits_the_size_budget():
     from diffusion_tf.components import build_model
     from diffusion_tf.train import PRESETS
@@ -246,6 +310,9 @@ def test_traced_resume_and_mirrored(trained, tmp_path, request):
         (dict(ema_decay=1.0), "ema_decay=1.0"),
         (dict(eval_every=-1), "eval_every=-1"),
         (dict(eval_prompts=0), "eval_prompts=0"),
+        (dict(position_steps=-1), "position_steps=-1"),
+        (dict(position_t_min=1000), "position_t_min=1000"),
+        (dict(T=100, position_t_min=100), "position_t_min=100"),
     ],
 )
 def test_bad_options_raise_value_error(kwargs, match, tmp_path):
@@ -286,6 +353,7 @@ def test_folder_state_errors(trained, tmp_path):
         (["--epochs", "0"], "epochs=0"),
         (["--epochs", "two"], "invalid int value"),
         (["--stage", "text"], "invalid choice"),
+        (["--position-t-min", "1000"], "position_t_min=1000"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(argv, match, capsys, tmp_path):
