@@ -508,9 +508,12 @@ def main(argv=None):
         source = "vae_roundtrip"
     else:
         prompts = shapes.sample_prompts(args.n, args.seed)
-        images = generate_images(prompts, model=args.model, steps=args.steps, seed=args.seed,
-                                 batch=args.batch, guidance=args.guidance, scheduler=args.scheduler,
-                                 log=lambda msg: print(msg, file=sys.stderr), jit_compile=args.jit_compile)
+        try:
+            images = generate_images(prompts, model=args.model, steps=args.steps, seed=args.seed,
+                                     batch=args.batch, guidance=args.guidance, scheduler=args.scheduler,
+                                     log=lambda msg: print(msg, file=sys.stderr), jit_compile=args.jit_compile)
+        except ValueError as e:  # a bad --model, --scheduler, --steps or --guidance
+            parser.error(str(e))
         source = "model"
     verdicts = [judge(img, prompt) for img, prompt in zip(images, prompts)]
     scores = score(verdicts)

@@ -195,6 +195,21 @@ def test_cli_argument_errors(capsys):
     assert "error" in capsys.readouterr().err
 
 
+def test_cli_bad_model_arguments_exit_2(monkeypatch, capsys):
+    """A ValueError of the pipeline (unknown scheduler, bad model folder) is one line, exit 2."""
+
+    class RefusingText2Image:
+        def __init__(self, scheduler=None, **kwargs):
+            raise ValueError(f"scheduler={scheduler!r}; allowed: ddim, euler.")
+
+    monkeypatch.setitem(vars(diffusion_tf), "Text2Image", RefusingText2Image)
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--n", "1", "--scheduler", "bogus"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "scheduler='bogus'; allowed: ddim, euler." in err and "Traceback" not in err
+
+
 def test_cli_vae_roundtrip(monkeypatch, tmp_path, capsys):
     """--vae-roundtrip judges the dataset after encode -> decode: a lossless stand-in keeps
     every image right, a blurring one loses shapes; the report says what was judged."""
