@@ -155,9 +155,12 @@ RUN_FIELDS = (
 
 
 # ------------------------------------------------------------------ options
-def _int(name, value, minimum, flag=None):
+def _int(name, value, minimum, flag=None, maximum=None):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{flag or name}={value!r}; must be an integer >= {minimum}.")
+        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{flag or name}={value!r}; must be an integer {allowed}.")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{flag or name}={value!r}; must be an integer in [{minimum}, {maximum}].")
     return int(value)
 
 
@@ -263,9 +266,7 @@ class TrainOptions:
         _int("position_steps", o.position_steps, 0)
         if o.position_t_min is None:
             o.position_t_min = int(round(0.8 * o.T))
-        _int("position_t_min", o.position_t_min, 0)
-        if o.position_t_min > o.T - 1:
-            raise ValueError(f"position_t_min={o.position_t_min!r}; must be at most T - 1 = {o.T - 1}.")
+        _int("position_t_min", o.position_t_min, 0, maximum=o.T - 1)
         o.schedule = _choice("schedule", o.schedule, tuple(SCHEDULES))
         o.prediction = _choice("prediction", o.prediction, PREDICTIONS)
         _int("seed", o.seed, 0)
@@ -613,11 +614,9 @@ class DiffusionTrainer(_Trainer):
                  cfg_drop=0.1, seed=0, ema_decay=0.999, high_noise_steps=0, high_noise_t_min=0, **kwargs):
         super().__init__({"unet": unet, "text_encoder": text_encoder}, seed, ema_decay, **kwargs)
         _choice("prediction_type", prediction_type, PREDICTIONS)
-        T = int(noise_schedule.num_train_timesteps)
         self.high_noise_steps = _int("high_noise_steps", high_noise_steps, 0)
-        self.high_noise_t_min = _int("high_noise_t_min", high_noise_t_min, 0)
-        if self.high_noise_t_min > T - 1:
-            raise ValueError(f"high_noise_t_min={high_noise_t_min!r}; must be at most T - 1 = {T - 1}.")
+        self.high_noise_t_min = _int("high_noise_t_min", high_noise_t_min, 0,
+                                     maximum=int(noise_schedule.num_train_timesteps) - 1)
         self.unet = unet
         self.text_encoder = text_encoder
         self.noise_schedule = noise_schedule
@@ -1012,7 +1011,7 @@ class TrainingRun:
         self.write_loss_plot()
 
     # -------------------------------------------------------------- stages
-    def _fit(self, stage, trainer, arrays, val_arrays, resume, first=(0, None)):
+    def _fit(self, stage, trainer, arrays, val_arrays, resume, first=(0, ())):
         """Builds the optimizer, restores the checkpoint when resuming, and runs fit.
 
         `first` = (steps, rows): the first `steps` global steps draw their batches from `rows` only."""
@@ -1045,12 +1044,10 @@ class TrainingRun:
         if start == 0:
             before = trainer.evaluate(val_ds, steps=val_steps, verbose=0, return_dict=True)["loss"]
             history["val_loss"] = [float(before)]
-        n, (first_steps, first_rows) = len(tf.nest.flatten(arrays)[0]), first
-        span = (start * h["steps"], h["epochs"] * h["steps"])
-        if first_steps:
-            indices = phased_batch_indices(n, h["batch_size"], self.o.seed, *span, first_steps, first_rows)
-        else:
-            indices = batch_indices(n, h["batch_size"], self.o.seed, *span)
+        indices = phased_batch_indices(  # = batch_indices when first is (0, ())
+            len(tf.nest.flatten(arrays)[0]), h["batch_size"], self.o.seed, start * h["steps"],
+            h["epochs"] * h["steps"], *first,
+        )
         self.log(
             f"[{stage}] training epochs {start + 1}..{h['epochs']} x {h['steps']} steps, batch {h['batch_size']}, "
             f"lr {h['lr']}, {replicas} replica(s); held-out loss {history['val_loss'][-1]:.4f}"
@@ -1168,7 +1165,7 @@ class TrainingRun:
             val_t = rng.integers(0, self.o.T, len(val_images)).astype(np.int32)
             val_noise = rng.standard_normal(val_latents.shape, np.float32)
             trainer = self._unet_trainer()
-            first = (0, None)
+            first = (0, ())
             if self.o.position_steps:
                 first = (self.o.position_steps, self.position_rows())
                 done = action == "resume" and read_checkpoint_meta(path)["step"] >= first[0]

@@ -159,6 +159,7 @@ def test_position_phase_batches_come_from_its_rows_then_the_usual_stream():
     assert set(whole[:3].ravel()) <= set(rows) and set(whole[:3].ravel()) == set(rows)
     # after the phase: the usual stream, numbered from the phase's end (whole passes over the data)
     np.testing.assert_array_equal(whole[3:], batch_indices(10, 3, 5, 0, 5))
+    np.testing.assert_array_equal(phased_batch_indices(10, 3, 5, 2, 8, 0, ()), batch_indices(10, 3, 5, 2, 8))
     for cut in (1, 3, 6):  # a resumed run gets the same batches
         np.testing.assert_array_equal(
             whole, np.concatenate([phased_batch_indices(10, 3, 5, 0, cut, 3, rows),
