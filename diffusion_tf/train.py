@@ -156,11 +156,10 @@ RUN_FIELDS = (
 
 # ------------------------------------------------------------------ options
 def _int(name, value, minimum, flag=None, maximum=None):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum
+            or (maximum is not None and value > maximum)):
         allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
         raise ValueError(f"{flag or name}={value!r}; must be an integer {allowed}.")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"{flag or name}={value!r}; must be an integer in [{minimum}, {maximum}].")
     return int(value)
 
 
