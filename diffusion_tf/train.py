@@ -103,6 +103,10 @@ PRESETS = {
             "decoder": {"epochs": 4, "steps": 250, "lr": 5e-4, "batch_size": 32},
             # 30 x 300 at batch 32 with the position phase: the shipped model (91% on 100 prompts).
             "unet": {"epochs": 30, "steps": 300, "lr": 1e-3, "batch_size": 32},
+            # After the UNet: the decoder fine-tuned on the UNet's own image-to-image latents
+            # (README, "Training a small model"): squares keep their corners.
+            "refine": {"epochs": 4, "steps": 250, "lr": 5e-4, "batch_size": 32},
+            "refine_strengths": [0.2, 0.3, 0.4, 0.5, 0.6], "refine_true_fraction": 0.25,
         },
     },
     # For tests: the smallest networks that still make 64x64 images.
@@ -129,13 +133,15 @@ PRESETS = {
             "vae": {"epochs": 1, "steps": 4, "lr": 2e-3, "batch_size": 8},
             "decoder": {"epochs": 1, "steps": 2, "lr": 2e-3, "batch_size": 8},
             "unet": {"epochs": 1, "steps": 4, "lr": 2e-3, "batch_size": 8},
+            "refine": {"epochs": 1, "steps": 2, "lr": 2e-3, "batch_size": 8},
+            "refine_strengths": [0.3, 0.6], "refine_true_fraction": 0.25,
         },
     },
 }
 
-STAGES = ("all", "vae", "decoder", "unet")
-ORDER = ("vae", "decoder", "unet")  # the stages of "all", in order
-PREFIXES = {"unet": "", "vae": "vae_", "decoder": "decoder_"}
+STAGES = ("all", "vae", "decoder", "unet", "refine")
+ORDER = ("vae", "decoder", "unet", "refine")  # the stages of "all", in order
+PREFIXES = {"unet": "", "vae": "vae_", "decoder": "decoder_", "refine": "refine_"}
 SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 PREDICTIONS = ("epsilon", "v_prediction")
 # beta_start, beta_end at T = 1000 (DDPM; Stable Diffusion); scaled by 1000 / T for another T.
@@ -150,7 +156,7 @@ EXIT_USAGE = 2
 RUN_FIELDS = (
     "config", "T", "schedule", "prediction", "seed", "dataset_size", "ema_decay", "warmup",
     "kl_weight", "cfg_drop", "position_steps", "position_t_min", "steps", "lr", "batch_size", "vae_steps", "vae_lr", "vae_batch_size",
-    "decoder_steps", "decoder_lr", "decoder_batch_size",
+    "decoder_steps", "decoder_lr", "decoder_batch_size", "refine_steps", "refine_lr", "refine_batch_size",
 )
 
 
@@ -198,6 +204,10 @@ class TrainOptions:
     decoder_steps: int = None
     decoder_lr: float = None
     decoder_batch_size: int = None
+    refine_epochs: int = None  # the refinement stage: the decoder fine-tuned on the UNet's samples
+    refine_steps: int = None
+    refine_lr: float = None
+    refine_batch_size: int = None
     T: int = None
     schedule: str = None
     prediction: str = None
@@ -229,7 +239,7 @@ class TrainOptions:
         """A copy where epochs/steps/lr/batch_size always mean the UNet stage's: with
         stage="vae" the generic ones given are the VAE's (unless its vae_* ones are given)."""
         o = copy.copy(self)
-        if o.stage in ("vae", "decoder"):
+        if o.stage in ("vae", "decoder", "refine"):
             prefix = PREFIXES[o.stage]
             for key in ("epochs", "steps", "lr", "batch_size"):
                 if getattr(o, prefix + key) is None:
@@ -374,7 +384,7 @@ def plan(options):
                 setattr(options, field, stored[field])
         if "position_steps" not in stored:  # a run from before the position phase existed
             options.position_steps = 0
-        for field in ("epochs", "vae_epochs", "decoder_epochs"):  # the totals: a resumed run may extend them
+        for field in ("epochs", "vae_epochs", "decoder_epochs", "refine_epochs"):  # the totals: a resumed run may extend them
             if getattr(given, field) is None and stored.get(field) is not None:
                 setattr(options, field, stored[field])
         for stage in stages:
@@ -407,6 +417,15 @@ def plan(options):
         m = read_checkpoint_meta(checkpoint_path(save, "unet"))
         if m["epoch"] >= m["epochs"]:
             actions["unet"] = "done"
+    if options.stage == "refine":  # the UNet's samples are its data: the UNet must be trained
+        m = read_checkpoint_meta(checkpoint_path(save, "unet")) if existing["unet"] else None
+        if m is None or m["epoch"] < m["epochs"]:
+            state = "does not exist" if m is None else f"is at epoch {m['epoch']} of {m['epochs']}"
+            raise ValueError(
+                f"--stage refine needs a trained UNet: {checkpoint_path(save, 'unet')!r} {state}; "
+                "train it first (--stage unet)."
+            )
+        actions["unet"] = "done"
     if options.vae is not None and not os.path.isfile(os.path.join(options.vae, "vae.weights.h5")):
         raise ValueError(f"vae={options.vae!r} is not a model folder with vae.weights.h5.")
     return options, actions
@@ -924,6 +943,7 @@ def vae_roundtrip(vae, images, batch=100):
 VAL_SEED_OFFSET = 1_000_003  # the held-out evaluation shapes come from seed + this
 # --eval-every draws its prompts with seed + this (not `python -m diffusion_tf.eval`'s default seed 0).
 EVAL_SEED_OFFSET = 7_000_001
+REFINE_SEED_OFFSET = 5_000_011  # the refinement stage's images come from seed + this
 ADHERENCE_KEYS = ("all", "color", "shape", "position", "background")
 
 
@@ -1081,13 +1101,15 @@ class TrainingRun:
         self.write_reconstructions(final, val_images[:8])
         self.log(f"[vae] checkpoint: {path}")
 
-    def load_vae(self, decoder=True):
+    def load_vae(self, decoder=True, refine=True):
         """The trained VAE (EMA weights), with the fine-tuned decoder of checkpoints/decoder.h5
-        when there is one (and `decoder`)."""
+        when there is one (and `decoder`), then the refined one of checkpoints/refine.h5 when
+        there is one (and `refine`)."""
         vae = self._load_vae()
-        path = checkpoint_path(self.save, "decoder")
-        if decoder and os.path.isfile(path):
-            _assign_state(VAEDecoderPart(vae), read_checkpoint_arrays(path, "ema/decoder"), f"{path} [ema/decoder]")
+        for stage, wanted in (("decoder", decoder), ("refine", decoder and refine)):
+            path = checkpoint_path(self.save, stage)
+            if wanted and os.path.isfile(path):
+                _assign_state(VAEDecoderPart(vae), read_checkpoint_arrays(path, "ema/decoder"), f"{path} [ema/decoder]")
         return vae
 
     def _load_vae(self):
@@ -1138,7 +1160,7 @@ class TrainingRun:
         """Returns the models to write: {"vae", "unet", "text_encoder"} (EMA weights)."""
         action = self.actions["unet"]
         path = checkpoint_path(self.save, "unet")
-        vae = self.load_vae()
+        vae = self.load_vae(refine=action == "done")  # a refinement is of the UNet it was made with
         if action == "done":
             self.histories["unet"] = stored_history(path)
             self.configs = read_checkpoint_meta(path)["configs"]
@@ -1179,6 +1201,55 @@ class TrainingRun:
         vae.scaling_factor = self.configs["vae"]["scaling_factor"]
         models["vae"] = vae
         return models
+
+    def train_refine(self):
+        """The refinement stage: the decoder fine-tuned on the UNet's own samples.
+
+        The UNet does not reproduce the dataset's latents exactly: it rounds the corners of
+        squares, even image-to-image from a clean start. Here every image of a fresh draw of
+        the dataset goes through image-to-image with its caption (the generation defaults;
+        strengths cycle through `refine_strengths`, so the layout stays the image's), and the
+        decoder learns L1(decode(those latents), the image); a fraction
+        `refine_true_fraction` of the rows keeps the posterior mean instead, so that plain
+        round trips stay good. The held-out loss is on sampled latents only. The encoder,
+        UNet and text encoder do not change. Returns the refined VAE (EMA weights)."""
+        action = self.actions["refine"]
+        path = checkpoint_path(self.save, "refine")
+        scaling = self.configs["vae"]["scaling_factor"]
+        if action == "done":
+            self.histories["refine"] = stored_history(path)
+            vae = self.load_vae()
+            vae.scaling_factor = scaling
+            return vae
+        from diffusion_tf.text2image import Text2Image
+
+        train = PRESETS[self.o.config]["train"]
+        strengths, true_fraction = train["refine_strengths"], train["refine_true_fraction"]
+        vae = self.load_vae(refine=False)
+        vae.scaling_factor = scaling
+        pipe = Text2Image(model=self.save, jit_compile=self.o.jit_compile)
+        _assign_state(pipe.vae, _keras_state(vae), "the VAE before refinement")
+        n_val = self._val_size("refine")
+        images, captions = shapes.make_dataset(self.o.dataset_size + n_val, self.o.seed + REFINE_SEED_OFFSET)
+        t0 = time.time()
+        latents = image_to_image_latents(pipe, images, captions, strengths, seed=self.o.seed) / np.float32(scaling)
+        means = self.encode_images(vae, images)
+        rng = np.random.Generator(np.random.PCG64([self.o.seed, REFINE_SEED_OFFSET]))
+        keep_mean = rng.random(len(images)) < true_fraction
+        mixed = np.where(keep_mean[:, None, None, None], means, latents).astype(np.float32)
+        self.log(f"[refine] {len(images)} images through image-to-image (strengths {strengths}) in "
+                 f"{time.time() - t0:.1f}s; {int(keep_mean[n_val:].sum())} of {self.o.dataset_size} rows keep the "
+                 "posterior mean; fine-tuning the decoder")
+        self._extra_meta["refine"] = {"pairs_seconds": round(time.time() - t0, 1)}
+        keras.utils.set_random_seed(self.o.seed + 3)
+        with self.strategy.scope():
+            trainer = DecoderTrainer(vae, seed=self.o.seed, ema_decay=self.o.ema_decay)
+        self._fit("refine", trainer, (mixed[n_val:], images[n_val:]), (latents[:n_val], images[:n_val]),
+                  resume=action == "resume")
+        vae = self.load_vae()
+        vae.scaling_factor = scaling
+        self.log(f"[refine] checkpoint: {path}")
+        return vae
 
     def _unet_trainer(self):
         from diffusion_tf.schedulers.scheduler import Scheduler
@@ -1259,6 +1330,7 @@ class TrainingRun:
 
     def write_loss_plot(self):
         titles = {"vae": "VAE: L1 + KL", "decoder": "VAE decoder fine-tuning: L1",
+                  "refine": "VAE decoder on the UNet's image-to-image latents: L1",
                   "unet": f"UNet + text encoder: MSE ({self.o.prediction})"}
         panels = []
         for stage in ORDER:
@@ -1291,6 +1363,37 @@ class TrainingRun:
         frames, _ = reverse_process_frames(pipe, self.o.gif_prompt, steps, self.o.seed, self.o.gif_guidance)
         save_gif(os.path.join(self.save, "reverse.gif"), frames)
         return [os.path.join(self.save, n) for n in ("forward.gif", "reverse.gif")]
+
+
+def image_to_image_latents(pipe, images, captions, strengths, seed=0, batch=100):
+    """Final latents (sampler space) of image-to-image on each image with its caption, at the
+    pipeline's generation defaults: image k runs at strength strengths[k % len(strengths)],
+    from the noise of seed `seed * 1_000_003 + k`. One compiled function serves every batch."""
+    from diffusion_tf import editing
+
+    sched = pipe.scheduler
+    steps, guidance = pipe.defaults["num_steps"], float(pipe.defaults["guidance"])
+    sched.set_timesteps(steps)
+    tables = {k: tf.constant(v) for k, v in sched.tables.items()}
+    shape = pipe.latent_shape
+    fn = pipe._generate_fn(guidance > 1.0, sched, (), shape[:2])
+    out = np.zeros((len(images),) + tuple(shape), np.float32)
+    for j, strength in enumerate(strengths):
+        rows = np.arange(j, len(images), len(strengths))
+        start = editing.start_index(steps, strength, sched)
+        for b in range(0, len(rows), batch):
+            r = rows[b: b + batch]
+            clean = pipe.encode(images[r])
+            if start >= steps:  # strength 0: nothing runs
+                out[r] = ops.convert_to_numpy(clean)
+                continue
+            noise = pipe.noise([seed * 1_000_003 + int(k) for k in r], shape)
+            x = editing.add_noise_at(sched, clean, noise, start, tables)
+            _, lat = fn(tf.constant(pipe.tokenizer([captions[k] for k in r])), tf.constant(pipe.tokenizer([""] * len(r))),
+                        x, tables, tf.constant(guidance, "float32"), tf.constant(1.0, "float32"),
+                        tf.constant(seed, "int64"), tf.constant(start, "int32"), {})
+            out[r] = ops.convert_to_numpy(lat)
+    return out
 
 
 # ------------------------------------------------------------------ pictures (PIL only)
@@ -1469,6 +1572,10 @@ def train(options=None, log=print, **kwargs):
         for stage in [s for s, a in actions.items() if a == "new"]:
             if os.path.exists(checkpoint_path(options.save, stage)):
                 os.remove(checkpoint_path(options.save, stage))
+    stale = checkpoint_path(options.save, "refine")
+    if actions.get("unet") == "new" and "refine" not in actions and os.path.exists(stale):
+        os.remove(stale)  # a refinement belongs to the UNet whose samples it learned
+        log(f"removed {stale}: it refined the decoder for the previous UNet")
     run = TrainingRun(options, actions, log=log)
     result = {"save": options.save, "model": None, "gifs": [], "options": options, "histories": run.histories}
     if "vae" in actions:
@@ -1479,6 +1586,11 @@ def train(options=None, log=print, **kwargs):
         models = run.train_unet()
         run.write_loss_plot()
         size = run.write_model(models)
+        if "refine" in actions:  # its image-to-image runs on the model folder just written
+            run.actions["unet"] = "done"  # the VAE is now the UNet checkpoint's (with its scaling factor)
+            models["vae"] = run.train_refine()
+            run.write_loss_plot()
+            size = run.write_model(models)
         result["model"] = options.save
         log(f"model written to {options.save} ({size / 1e6:.1f} MB of {options.weights_dtype} weights)")
         if options.gif:
@@ -1505,7 +1617,7 @@ def build_parser():
         "from scratch on the captioned-shapes dataset.",
     )
     a = p.add_argument
-    a("--stage", choices=STAGES, default="all", help="vae, decoder (fine-tune the VAE decoder, encoder frozen), unet (+ text encoder, VAE frozen), or all (default: the three in order)")
+    a("--stage", choices=STAGES, default="all", help="vae, decoder (fine-tune the VAE decoder, encoder frozen), unet (+ text encoder, VAE frozen), refine (the decoder fine-tuned on the trained UNet's image-to-image latents), or all (default: the four in order)")
     a("--config", choices=tuple(PRESETS), default=None, help="architecture preset (default small; tiny for tests)")
     a("--epochs", type=int, help="epochs of the stage trained (the UNet's with --stage all); the total when resuming")
     a("--steps", type=int, help="steps per epoch")
@@ -1519,6 +1631,10 @@ def build_parser():
     a("--decoder-steps", type=int, help="with --stage all: steps per epoch of the decoder stage")
     a("--decoder-lr", type=float, help="with --stage all: learning rate of the decoder stage")
     a("--decoder-batch-size", type=int, help="with --stage all: batch size of the decoder stage")
+    a("--refine-epochs", type=int, help="with --stage all: epochs of the refinement stage (the decoder on the UNet's samples)")
+    a("--refine-steps", type=int, help="with --stage all: steps per epoch of the refinement stage")
+    a("--refine-lr", type=float, help="with --stage all: learning rate of the refinement stage")
+    a("--refine-batch-size", type=int, help="with --stage all: batch size of the refinement stage")
     a("--T", type=int, help="diffusion steps (default 1000)")
     a("--schedule", help="beta schedule: linear (default), scaled_linear or cosine")
     a("--prediction", help="epsilon (default) or v_prediction")

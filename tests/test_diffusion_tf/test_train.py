@@ -31,7 +31,8 @@ def _arrays(path):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Both stages, 2 epochs x 2 steps each, with the GIFs: (folder, result, log lines)."""
+    """Every stage (VAE and UNet 2 epochs x 2 steps each; the decoder and refinement stages
+    the tiny preset's 1 x 2), with the GIFs: (folder, result, log lines)."""
     from diffusion_tf import train as T
 
     save = str(tmp_path_factory.mktemp("train") / "model")
@@ -45,8 +46,9 @@ def trained(tmp_path_factory):
 
 def test_training_lowers_the_loss(trained):
     _, result, lines = trained
-    h = result["histories"]["decoder"]  # the tiny preset's decoder stage: 1 epoch x 2 steps
-    assert len(h["loss"]) == 2 and len(h["val_loss"]) == 2 and h["val_loss"][-1] < h["val_loss"][0]
+    for stage in ("decoder", "refine"):  # the tiny preset's: 1 epoch x 2 steps
+        h = result["histories"][stage]
+        assert len(h["loss"]) == 2 and len(h["val_loss"]) == 2 and h["val_loss"][-1] < h["val_loss"][0], stage
     for stage in ("vae", "unet"):
         h = result["histories"][stage]
         assert len(h["loss"]) == 4 and len(h["epoch_loss"]) == 2 and len(h["val_loss"]) == 3
@@ -76,7 +78,7 @@ def test_outputs_are_valid_images(trained):
 
     save, result, _ = trained
     with Image.open(os.path.join(save, "loss.png")) as im:
-        assert im.format == "PNG" and im.size == (720, 900)  # one panel per stage (VAE, decoder, UNet)
+        assert im.format == "PNG" and im.size == (720, 1200)  # one panel per stage (VAE, decoder, UNet, refine)
         assert len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 3
     with Image.open(os.path.join(save, "forward.gif")) as im:
         assert im.format == "GIF" and im.n_frames == 20
@@ -86,7 +88,7 @@ def test_outputs_are_valid_images(trained):
         assert im.size == (8 * 64 * 2, 2 * 64 * 2)
     assert result["gifs"] == [os.path.join(save, "forward.gif"), os.path.join(save, "reverse.gif")]
     # checkpoints written atomically: no temporary files left behind
-    assert sorted(os.listdir(os.path.join(save, "checkpoints"))) == ["decoder.h5", "unet.h5", "vae.h5"]
+    assert sorted(os.listdir(os.path.join(save, "checkpoints"))) == ["decoder.h5", "refine.h5", "unet.h5", "vae.h5"]
     assert not [n for n in os.listdir(save) if n.endswith(".tmp")]
 
 
@@ -135,8 +137,47 @@ def test_resume_gives_identical_weights(trained, tmp_path):
     assert meta["epoch"] == 2 and meta["step"] == 4 and meta["rng"]["next_step"] == 4
     for name in ("unet", "text_encoder", "vae"):
         wa, wb = _arrays(os.path.join(full, f"{name}.weights.h5")), _arrays(os.path.join(save, f"{name}.weights.h5"))
+        assert wa.keys() == wb.keys()
         for key in wa:
+            if name == "vae" and key.startswith(("decoder", "post_quant_conv")):
+                continue  # `full` ran the refinement stage after its UNet; this run did not
             np.testing.assert_array_equal(wa[key], wb[key], err_msg=f"{name}: {key}")
+    # the refinement changed the decoder (and only the decoder: the encoder is equal above)
+    wa, wb = _arrays(os.path.join(full, "vae.weights.h5")), _arrays(os.path.join(save, "vae.weights.h5"))
+    assert any(not np.array_equal(wa[k], wb[k]) for k in wa if k.startswith("decoder"))
+
+
+def test_refine_stage_resumes_exactly_and_needs_a_trained_unet(trained, tmp_path):
+    """--stage refine on a finished UNet: 1 epoch then --resume to 2 == 2 epochs at once (the
+    image-to-image latents are drawn again, identically); the UNet is not touched."""
+    from diffusion_tf import train as T
+
+    full, _, _ = trained
+    runs = {}
+    for name in ("whole", "split"):
+        save = str(tmp_path / name)
+        os.makedirs(os.path.join(save, "checkpoints"))
+        for ckpt in ("vae.h5", "decoder.h5", "unet.h5"):
+            shutil.copy(os.path.join(full, "checkpoints", ckpt), os.path.join(save, "checkpoints", ckpt))
+        runs[name] = save
+    lines = []
+    T.train(save=runs["whole"], stage="refine", epochs=2, log=lines.append, **FAST)
+    assert any(line.startswith("[refine] 32 images through image-to-image") for line in lines), lines
+    T.train(save=runs["split"], stage="refine", epochs=1, log=lambda *_: None, **FAST)
+    T.train(save=runs["split"], stage="refine", epochs=2, resume=True, log=lambda *_: None, **FAST)
+    a, b = (_arrays(T.checkpoint_path(runs[n], "refine")) for n in ("whole", "split"))
+    assert a.keys() == b.keys() and any(k.startswith("ema/decoder") for k in a)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert T.read_checkpoint_meta(T.checkpoint_path(runs["split"], "refine"))["epoch"] == 2
+    wf = _arrays(os.path.join(full, "unet.weights.h5"))
+    for name in ("whole", "split"):  # the UNet is only read: its written weights are the same
+        wu = _arrays(os.path.join(runs[name], "unet.weights.h5"))
+        for key in wf:
+            np.testing.assert_array_equal(wf[key], wu[key], err_msg=f"{name}: unet {key}")
+    # the stage's data are the UNet's samples: without a trained UNet it refuses to start
+    with pytest.raises(ValueError, match="--stage refine needs a trained UNet"):
+        T.plan(T.TrainOptions(save=str(tmp_path / "empty"), stage="refine", **FAST))
 
 
 def test_batches_depend_only_on_the_step():
@@ -342,7 +383,7 @@ def test_folder_state_errors(trained, tmp_path):
         T.plan(T.TrainOptions(save=str(empty), stage="unet", **FAST))
     # a resumed run that is complete has nothing to train
     options, actions = T.plan(T.TrainOptions(save=full, resume=True, **FAST))
-    assert actions == {"vae": "done", "decoder": "done", "unet": "done"} and options.epochs == 2
+    assert actions == {"vae": "done", "decoder": "done", "unet": "done", "refine": "done"} and options.epochs == 2
 
 
 @pytest.mark.parametrize(
