@@ -19,8 +19,9 @@ pytestmark = pytest.mark.skipif(
 )
 FILES = ("config.json", "text_encoder.weights.h5", "unet.weights.h5", "vae.weights.h5")
 # Fixed prompts and seeds: colour, position and background must be drawn as asked in each
-# (97-100% of the time on 300 judged prompts). Shape is judged in aggregate: rounded square
-# corners read as circles on about a third of the squares (README, "Training a small model").
+# (98.5-100% of the time on 500 judged prompts). Shape is judged in aggregate: squares whose
+# corners come out rounded still read as circles on about a fifth to a quarter of the squares
+# (README, "Training a small model"); three of these fixed cases are such squares.
 CASES = [
     ("a red circle on a blue background", 0),
     ("a green square on the left", 1),
@@ -98,13 +99,14 @@ def test_draws_what_is_asked(shapes_t2i, prompt, seed):
 
 
 def test_prompt_adherence_on_50_grammar_prompts(shapes_t2i):
-    """`python -m diffusion_tf.eval`'s first 50 prompts at the defaults (the full 100: 91%)."""
+    """`python -m diffusion_tf.eval`'s first 50 prompts at the defaults (the full 100: 99%,
+    these 50: 100% with XLA; 92.2% on 500 prompts of three seeds)."""
     from diffusion_tf import eval as ev
 
     prompts = ev.shapes.sample_prompts(50, 0)
     images = ev.generate_images(prompts, pipeline=shapes_t2i, log=lambda *_: None)
     scores = ev.score([ev.judge(im, p) for im, p in zip(images, prompts)])
-    assert scores["all"] >= 0.85, scores
+    assert scores["all"] >= 0.9, scores
     assert min(scores["color"], scores["position"], scores["background"]) >= 0.95, scores
 
 
