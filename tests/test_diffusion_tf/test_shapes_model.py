@@ -18,18 +18,21 @@ pytestmark = pytest.mark.skipif(
     reason=f"the built-in shapes model is not installed ({FOLDER} lacks its weights): scripts/ship_shapes_model.py",
 )
 FILES = ("config.json", "text_encoder.weights.h5", "unet.weights.h5", "vae.weights.h5")
-# Fixed prompts and seeds: colour, position and background must be drawn as asked in each
-# (98.5-100% of the time on 500 judged prompts). Shape is judged in aggregate: squares whose
-# corners come out rounded still read as circles on about a fifth to a quarter of the squares
-# (README, "Training a small model"); three of these fixed cases are such squares.
+# Fixed prompts and seeds: all four attributes must be drawn as asked in each. Colour,
+# position and background are right on 99-100% of 500 judged prompts, whatever the seed.
+# Shape is weaker for squares (81% of 176 judged; README, "Training a small model"): the
+# three square cases use the first seed, counting up by 8 from their original one, whose
+# square came out square (1 -> 9, 4 -> 12, 6 -> 14; for these two-colour combinations about
+# half of the seeds do), so that they check a square drawn right, not the failure rate,
+# which `test_prompt_adherence_on_50_grammar_prompts` bounds.
 CASES = [
     ("a red circle on a blue background", 0),
-    ("a green square on the left", 1),
+    ("a green square on the left", 9),
     ("a yellow triangle on the right on a black background", 2),
     ("an orange circle on the top", 3),
-    ("a purple square on the bottom on a white background", 4),
+    ("a purple square on the bottom on a white background", 12),
     ("a white triangle on a green background", 5),
-    ("a blue square on the right on a yellow background", 6),
+    ("a blue square on the right on a yellow background", 14),
     ("a black triangle on the left on an orange background", 7),
 ]
 
@@ -94,7 +97,7 @@ def test_draws_what_is_asked(shapes_t2i, prompt, seed):
     image = shapes_t2i.generate(prompt, seed=seed)[0]
     assert image.shape == (64, 64, 3) and image.dtype == np.uint8
     verdict = judge(image, prompt)
-    for attribute in ("color", "position", "background"):
+    for attribute in ("color", "shape", "position", "background"):
         assert verdict[attribute], (prompt, seed, attribute, verdict["analysis"], verdict["expected"])
 
 
