@@ -1578,9 +1578,11 @@ def train(options=None, log=print, **kwargs):
             if os.path.exists(checkpoint_path(options.save, stage)):
                 os.remove(checkpoint_path(options.save, stage))
     stale = checkpoint_path(options.save, "refine")
-    if actions.get("unet") == "new" and "refine" not in actions and os.path.exists(stale):
-        os.remove(stale)  # a refinement belongs to the UNet whose samples it learned
-        log(f"removed {stale}: it refined the decoder for the previous UNet")
+    retrained = [s for s in ("decoder", "unet") if actions.get(s) in ("new", "resume")]
+    if retrained and "refine" not in actions and os.path.exists(stale):
+        # a refinement belongs to the decoder it started from and the UNet whose samples it learned
+        os.remove(stale)
+        log(f"removed {stale}: it refined the previous {' and '.join(retrained)}; run --stage refine again")
     run = TrainingRun(options, actions, log=log)
     result = {"save": options.save, "model": None, "gifs": [], "options": options, "histories": run.histories}
     if "vae" in actions:

@@ -178,6 +178,11 @@ def test_refine_stage_resumes_exactly_and_needs_a_trained_unet(trained, tmp_path
     # the stage's data are the UNet's samples: without a trained UNet it refuses to start
     with pytest.raises(ValueError, match="--stage refine needs a trained UNet"):
         T.plan(T.TrainOptions(save=str(tmp_path / "empty"), stage="refine", **FAST))
+    # training the decoder again makes the refinement stale: it is removed, with a log line
+    lines = []
+    T.train(save=runs["split"], stage="decoder", overwrite=True, log=lines.append, **FAST)
+    assert not os.path.exists(T.checkpoint_path(runs["split"], "refine"))
+    assert any(line.startswith("removed ") and "previous decoder" in line for line in lines), lines
 
 
 def test_batches_depend_only_on_the_step():
