@@ -417,20 +417,18 @@ def plan(options):
                     f"--stage {stage} needs a trained VAE: {checkpoint_path(save, 'vae')!r} does not exist; "
                     "train it first (--stage vae) or pass --vae MODEL_FOLDER."
                 )
-    if options.stage == "decoder" and existing["unet"]:
-        # the decoder is fine-tuned after the UNet: the model folder is written again with it
-        m = read_checkpoint_meta(checkpoint_path(save, "unet"))
-        if m["epoch"] >= m["epochs"]:
-            actions["unet"] = "done"
-    if options.stage == "refine":  # the UNet's samples are its data: the UNet must be trained
+    if options.stage in ("decoder", "refine"):
+        # after a finished UNet the model folder is written again with the new decoder; the
+        # refinement's data are the UNet's samples, so it needs that UNet
         m = read_checkpoint_meta(checkpoint_path(save, "unet")) if existing["unet"] else None
-        if m is None or m["epoch"] < m["epochs"]:
+        if m is not None and m["epoch"] >= m["epochs"]:
+            actions["unet"] = "done"
+        elif options.stage == "refine":
             state = "does not exist" if m is None else f"is at epoch {m['epoch']} of {m['epochs']}"
             raise ValueError(
                 f"--stage refine needs a trained UNet: {checkpoint_path(save, 'unet')!r} {state}; "
                 "train it first (--stage unet)."
             )
-        actions["unet"] = "done"
     if options.vae is not None and not os.path.isfile(os.path.join(options.vae, "vae.weights.h5")):
         raise ValueError(f"vae={options.vae!r} is not a model folder with vae.weights.h5.")
     return options, actions
@@ -1119,9 +1117,10 @@ class TrainingRun:
 
     def _load_vae(self):
         """The trained VAE (EMA weights): the UNet checkpoint's copy when the UNet stage has
-        started, else --vae FOLDER, else checkpoints/vae.h5."""
+        started (in this run or before: a new stage's old checkpoint is gone, plan() and
+        train() see to it), else --vae FOLDER, else checkpoints/vae.h5."""
         unet_ckpt = checkpoint_path(self.save, "unet")
-        if self.actions.get("unet") in ("resume", "done"):
+        if "unet" in self.actions and os.path.isfile(unet_ckpt):
             self.configs["vae"] = read_checkpoint_meta(unet_ckpt)["configs"]["vae"]
             return models_from_checkpoint(unet_ckpt, self.configs, ["vae"], group="frozen")["vae"]
         if self.o.vae:  # a model folder (plan() checked)
@@ -1223,22 +1222,26 @@ class TrainingRun:
         scaling = self.configs["vae"]["scaling_factor"]
         if action == "done":
             self.histories["refine"] = stored_history(path)
-            vae = self.load_vae()
-            vae.scaling_factor = scaling
-            return vae
+        else:
+            self._fit_refine(action, scaling)
+            self.log(f"[refine] checkpoint: {path}")
+        vae = self.load_vae()
+        vae.scaling_factor = scaling
+        return vae
+
+    def _fit_refine(self, action, scaling):
         from diffusion_tf.text2image import Text2Image
 
         train = PRESETS[self.o.config]["train"]
         strengths, true_fraction = train["refine_strengths"], train["refine_true_fraction"]
         vae = self.load_vae(refine=False)
-        vae.scaling_factor = scaling
-        pipe = Text2Image(model=self.save, jit_compile=self.o.jit_compile)
-        _assign_state(pipe.vae, _keras_state(vae), "the VAE before refinement")
         n_val = self._val_size("refine")
         images, captions = shapes.make_dataset(self.o.dataset_size + n_val, self.o.seed + REFINE_SEED_OFFSET)
+        means = self.encode_images(vae, images)  # the decoder's input, and (scaled) the sampler's
+        pipe = Text2Image(model=self.save, jit_compile=self.o.jit_compile)
         t0 = time.time()
-        latents = image_to_image_latents(pipe, images, captions, strengths, seed=self.o.seed) / np.float32(scaling)
-        means = self.encode_images(vae, images)
+        latents = image_to_image_latents(pipe, means * np.float32(scaling), captions, strengths,
+                                         seed=self.o.seed) / np.float32(scaling)
         rng = np.random.Generator(np.random.PCG64([self.o.seed, REFINE_SEED_OFFSET]))
         keep_mean = rng.random(len(images)) < true_fraction
         mixed = np.where(keep_mean[:, None, None, None], means, latents).astype(np.float32)
@@ -1251,10 +1254,6 @@ class TrainingRun:
             trainer = DecoderTrainer(vae, seed=self.o.seed, ema_decay=self.o.ema_decay)
         self._fit("refine", trainer, (mixed[n_val:], images[n_val:]), (latents[:n_val], images[:n_val]),
                   resume=action == "resume")
-        vae = self.load_vae()
-        vae.scaling_factor = scaling
-        self.log(f"[refine] checkpoint: {path}")
-        return vae
 
     def _unet_trainer(self):
         from diffusion_tf.schedulers.scheduler import Scheduler
@@ -1370,10 +1369,11 @@ class TrainingRun:
         return [os.path.join(self.save, n) for n in ("forward.gif", "reverse.gif")]
 
 
-def image_to_image_latents(pipe, images, captions, strengths, seed=0, batch=100):
-    """Final latents (sampler space) of image-to-image on each image with its caption, at the
-    pipeline's generation defaults: image k runs at strength strengths[k % len(strengths)],
-    from the noise of seed `seed * 1_000_003 + k`. One compiled function serves every batch."""
+def image_to_image_latents(pipe, clean, captions, strengths, seed=0, batch=100):
+    """Final latents (sampler space) of image-to-image from each clean latent (sampler space:
+    the image's posterior mean x scaling factor) with its caption, at the pipeline's
+    generation defaults: row k runs at strength strengths[k % len(strengths)], from the
+    noise of seed `seed * 1_000_003 + k`. One compiled function serves every batch."""
     from diffusion_tf import editing
 
     sched = pipe.scheduler
@@ -1382,18 +1382,17 @@ def image_to_image_latents(pipe, images, captions, strengths, seed=0, batch=100)
     tables = {k: tf.constant(v) for k, v in sched.tables.items()}
     shape = pipe.latent_shape
     fn = pipe._generate_fn(guidance > 1.0, sched, (), shape[:2])
-    out = np.zeros((len(images),) + tuple(shape), np.float32)
+    out = np.zeros((len(clean),) + tuple(shape), np.float32)
     for j, strength in enumerate(strengths):
-        rows = np.arange(j, len(images), len(strengths))
+        rows = np.arange(j, len(clean), len(strengths))
         start = editing.start_index(steps, strength, sched)
         for b in range(0, len(rows), batch):
             r = rows[b: b + batch]
-            clean = pipe.encode(images[r])
             if start >= steps:  # strength 0: nothing runs
-                out[r] = ops.convert_to_numpy(clean)
+                out[r] = clean[r]
                 continue
             noise = pipe.noise([seed * 1_000_003 + int(k) for k in r], shape)
-            x = editing.add_noise_at(sched, clean, noise, start, tables)
+            x = editing.add_noise_at(sched, tf.constant(clean[r]), noise, start, tables)
             _, lat = fn(tf.constant(pipe.tokenizer([captions[k] for k in r])), tf.constant(pipe.tokenizer([""] * len(r))),
                         x, tables, tf.constant(guidance, "float32"), tf.constant(1.0, "float32"),
                         tf.constant(seed, "int64"), tf.constant(start, "int32"), {})
@@ -1594,7 +1593,6 @@ def train(options=None, log=print, **kwargs):
         run.write_loss_plot()
         size = run.write_model(models)
         if "refine" in actions:  # its image-to-image runs on the model folder just written
-            run.actions["unet"] = "done"  # the VAE is now the UNet checkpoint's (with its scaling factor)
             models["vae"] = run.train_refine()
             run.write_loss_plot()
             size = run.write_model(models)
