@@ -7,44 +7,49 @@ from diffusion_tf.layers.ops_util import dense
 from diffusion_tf.layers.base import Layer
 
 
-# The largest float32 score matrix [B, H, chunk, Nk] one attention call holds at a time.
-# Longer query sequences are processed in chunks of queries; each query's softmax row does
-# not depend on the others, so chunking changes only float rounding (matmul blocking). At
-# 1024x1024 standard attention would otherwise hold 2 x 8 x 16384^2 x 4 bytes = 16 GiB of
-# scores (batch 2, 8 heads).
+# The largest float32 score block one attention call holds at a time. Longer sequences are
+# processed one batch element and head at a time, in chunks of queries; each query's softmax
+# row does not depend on the others, so chunking changes only float rounding (matmul
+# blocking). At 1024x1024 standard attention would otherwise hold
+# 2 x 8 x 16384^2 x 4 bytes = 16 GiB of scores (batch 2, 8 heads).
 MAX_SCORE_BYTES = 256 * 2**20
 # Speed, not memory: a score block that the max, exp, sum and matmul passes find in cache is
-# faster even at the price of more loop iterations. Above CACHE_SCORE_BYTES of scores the
-# chunks are max(MIN_CHUNK, Nk // 16) queries. Measured on a 2-core EPYC under XLA, batch 2,
-# 8 heads of 40 (benchmarks/micro/attention_chunks.py): 1024 tokens 99.8 -> 38.9 ms (chunks
-# of 64), 4096 tokens 894 -> 784 ms (chunks of 256 instead of 1024).
+# faster even at the price of more loop iterations. Above CACHE_SCORE_BYTES of scores in
+# all, the loop runs over (batch element, head, chunk of queries) with HEAD_BLOCK_BYTES of
+# scores per iteration (at least MIN_CHUNK queries). Measured on a 2-core EPYC under XLA,
+# batch 2, 8 heads of 40 (benchmarks/micro/attention_chunks.py): 4096 tokens 697 -> 422 ms
+# (256 queries of one head per iteration, against 256 queries of all 16 heads), 1024 tokens
+# 37.4 -> 28.3 ms (all 1024 queries of one head, against 64 queries of all heads).
 CACHE_SCORE_BYTES = 16 * 2**20
+HEAD_BLOCK_BYTES = 4 * 2**20
 MIN_CHUNK = 64
 
 
 def _query_chunk(b, h, nq, nk, max_bytes):
-    """Queries per chunk: at most what fits b x h x chunk x nk float32 scores in `max_bytes`,
-    and cache-sized blocks above CACHE_SCORE_BYTES; None when the shapes are unknown or one
-    block does."""
+    """Queries per iteration of the loop over (batch element, head, chunk): about
+    HEAD_BLOCK_BYTES of float32 scores and at most `max_bytes`; None when the shapes are
+    unknown or one [B, H, Nq, Nk] block is small enough (no loop)."""
     if None in (nq, nk, h) or not isinstance(nq, int) or not isinstance(nk, int):
         return None
     b = b if isinstance(b, int) else 2
-    per_query = b * h * nk * 4
-    chunk = max(1, max_bytes // per_query)
-    if per_query * nq > CACHE_SCORE_BYTES:
-        chunk = min(chunk, max(MIN_CHUNK, nk // 16))
-    return None if chunk >= nq else chunk
+    per_query = nk * 4
+    total = b * h * nq * per_query
+    if total <= min(max_bytes, CACHE_SCORE_BYTES):
+        return None
+    chunk = min(max(MIN_CHUNK, HEAD_BLOCK_BYTES // per_query), max(1, max_bytes // per_query))
+    return min(chunk, nq)
 
 
-def _attend(q, k, v, scale, mask, dtype):
-    """q [B, H, Nq, D], k and v [B, H, Nk, D] (q, k float32) -> [B, H, Nq, D] in `dtype`.
+def _attend(q, k, v, mask, dtype):
+    """q [..., Nq, D] (already scaled), k and v [..., Nk, D] (q, k float32) -> [..., Nq, D]
+    in `dtype`.
 
     Batched matmuls on head-major tensors (XLA on CPU runs these about a third faster
     than the equivalent einsums on [B, N, H, D]). In float32 the softmax normalisation is
     applied to the [Nq, D] output instead of the [Nq, Nk] probabilities: one pass fewer
     over the scores, the same numbers up to rounding.
     """
-    scores = ops.matmul(q, ops.swapaxes(k, -1, -2)) * scale
+    scores = ops.matmul(q, ops.swapaxes(k, -1, -2))
     if mask is not None:
         scores = scores + ops.cast(mask, "float32")
     if keras.backend.standardize_dtype(dtype) == "float32" and mask is None:
@@ -57,40 +62,50 @@ def _attend(q, k, v, scale, mask, dtype):
 def scaled_dot_product_attention(q, k, v, scale, mask=None, max_score_bytes=None):
     """Softmax attention on [B, N, H, D] tensors; scores and softmax in float32.
 
-    `mask` is added to the [B, H, Nq, Nk] scores (0 = keep, -inf = drop). When the whole
-    score matrix would exceed `max_score_bytes` (default `MAX_SCORE_BYTES`), the queries are
-    processed in chunks, so that no N x N matrix per head is held for the whole batch.
+    The queries are multiplied by `scale` (not the [Nq, Nk] scores: a pass fewer over
+    them). `mask` is added to the [B, H, Nq, Nk] scores (0 = keep, -inf = drop). Above
+    CACHE_SCORE_BYTES of scores, or when the whole score matrix would exceed
+    `max_score_bytes` (default `MAX_SCORE_BYTES`), attention runs one batch element and head
+    at a time in chunks of queries, so that no N x N matrix per head is held for the whole
+    batch.
     """
     dtype = q.dtype
-    q = ops.transpose(ops.cast(q, "float32"), (0, 2, 1, 3))
+    q = ops.transpose(ops.cast(q, "float32"), (0, 2, 1, 3)) * scale
     k = ops.transpose(ops.cast(k, "float32"), (0, 2, 1, 3))
     v = ops.transpose(v, (0, 2, 1, 3))
     limit = MAX_SCORE_BYTES if max_score_bytes is None else max_score_bytes
     chunk = _query_chunk(q.shape[0], q.shape[1], q.shape[2], k.shape[2], limit)
     if chunk is None or mask is not None:
-        out = _attend(q, k, v, scale, mask, dtype)
+        out = _attend(q, k, v, mask, dtype)
     else:
-        out = _chunked_attend(q, k, v, scale, dtype, chunk)
+        out = _chunked_attend(q, k, v, dtype, chunk)
     return ops.transpose(out, (0, 2, 1, 3))
 
 
-def _chunked_attend(q, k, v, scale, dtype, chunk):
-    """Attention over chunks of `chunk` queries in a loop (a while loop under XLA and in
-    graphs), so that one chunk's scores are alive at a time: unrolled chunks let XLA schedule
-    them all at once (32 GiB for the SD UNet at 1024 px). The queries are zero-padded to a
-    whole number of chunks; the padding rows are dropped."""
+def _chunked_attend(q, k, v, dtype, chunk):
+    """Attention in a loop (a while loop under XLA and in graphs) over (batch element, head,
+    chunk of `chunk` queries), so that one block of chunk x Nk scores is alive at a time and
+    stays in cache: unrolled chunks let XLA schedule them all at once (32 GiB for the SD
+    UNet at 1024 px). The queries are zero-padded to a whole number of chunks; the padding
+    rows are dropped."""
     b, h, nq, d = ops.shape(q)
+    nk, dv = ops.shape(k)[2], ops.shape(v)[-1]
     n = -(-nq // chunk)
     if n * chunk != nq:
         q = ops.pad(q, [[0, 0], [0, 0], [0, n * chunk - nq], [0, 0]])
+    q = ops.reshape(q, (b * h, n * chunk, d))
+    k = ops.reshape(k, (b * h, nk, d))
+    v = ops.reshape(v, (b * h, nk, dv))
 
     def body(i, out):
-        start = i * chunk
-        rows = ops.slice(q, (0, 0, start, 0), (b, h, chunk, d))
-        return ops.slice_update(out, (0, 0, start, 0), _attend(rows, k, v, scale, None, dtype))
+        head, start = i // n, (i % n) * chunk
+        rows = ops.slice(q, (head, start, 0), (1, chunk, d))
+        keys = ops.slice(k, (head, 0, 0), (1, nk, d))
+        values = ops.slice(v, (head, 0, 0), (1, nk, dv))
+        return ops.slice_update(out, (head, start, 0), _attend(rows, keys, values, None, dtype))
 
-    out = ops.fori_loop(0, n, body, ops.zeros((b, h, n * chunk, ops.shape(v)[-1]), dtype))
-    return out[:, :, :nq]
+    out = ops.fori_loop(0, b * h * n, body, ops.zeros((b * h, n * chunk, dv), dtype))
+    return ops.reshape(out, (b, h, n * chunk, dv))[:, :, :nq]
 
 
 class Attention(Layer):

@@ -40,7 +40,9 @@ def layer_norm(epsilon, name, dtype):
 
 
 def conv2d(filters, kernel_size, name, dtype, strides=1, padding="same"):
-    return keras.layers.Conv2D(
+    from diffusion_tf.layers.conv2d import Conv2D
+
+    return Conv2D(
         filters, kernel_size, strides=strides, padding=padding, name=name, dtype=dtype
     )
 

@@ -209,21 +209,21 @@ def test_chunked_attention_equals_whole_attention():
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((2, 100, 3, 8)).astype("float32") for _ in range(3))
     whole = ops.convert_to_numpy(attention.scaled_dot_product_attention(q, k, v, 8**-0.5))
-    budget = 2 * 3 * 100 * 4 * 7  # 7 queries per chunk: 15 chunks, the last one short
+    budget = 100 * 4 * 7  # 7 queries of one head per iteration: 15 chunks, the last one short
     assert attention._query_chunk(2, 3, 100, 100, budget) == 7
     import tensorflow as tf
 
     def chunked(q, k, v):
         return attention.scaled_dot_product_attention(q, k, v, 8**-0.5, max_score_bytes=budget)
 
-    # eager, and a while loop over the chunks under XLA (one chunk's scores alive at a time)
-    for fn in (chunked, tf.function(chunked, jit_compile=True)):
+    # eager, and a while loop over the chunks in a graph and under XLA (one chunk's scores alive at a time)
+    for fn in (chunked, tf.function(chunked), tf.function(chunked, jit_compile=True)):
         out = ops.convert_to_numpy(fn(q, k, v))
         np.testing.assert_allclose(out, whole, rtol=1e-5, atol=1e-6)  # matmul blocking: rounding only
-    assert attention._query_chunk(2, 8, 16384, 16384, attention.MAX_SCORE_BYTES) * 2 * 8 * 16384 * 4 <= 2**28
+    assert attention._query_chunk(2, 8, 16384, 16384, attention.MAX_SCORE_BYTES) * 16384 * 4 <= 2**28
     assert attention._query_chunk(2, 8, 64, 77, attention.MAX_SCORE_BYTES) is None  # small: one matrix
-    # cache-sized blocks for speed: SD at 256 px (1024 tokens) in chunks of 64, 512 px in chunks of 256;
-    # a 16x16 map (256 tokens, 4 MiB of scores) stays one matrix
-    assert attention._query_chunk(2, 8, 1024, 1024, attention.MAX_SCORE_BYTES) == 64
+    # cache-sized blocks for speed, one head at a time: SD at 256 px (1024 tokens) all queries of a head,
+    # 512 px in chunks of 256; a 16x16 map (256 tokens, 4 MiB of scores for all heads) stays one matrix
+    assert attention._query_chunk(2, 8, 1024, 1024, attention.MAX_SCORE_BYTES) == 1024
     assert attention._query_chunk(2, 8, 4096, 4096, attention.MAX_SCORE_BYTES) == 256
     assert attention._query_chunk(2, 8, 256, 256, attention.MAX_SCORE_BYTES) is None
