@@ -8,7 +8,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from diffusion_tf import editing, schedulers
+from diffusion_tf import compiler_memory, editing, schedulers
 from diffusion_tf.components import load_folder
 from diffusion_tf.layers.transformer_2d import ATTENTION_TYPES
 
@@ -443,29 +443,34 @@ class Text2Image:
             seed=tf.constant(seed, "int64"),
         )
         replicas = self.strategy.num_replicas_in_sync
-        if callback is None and replicas > 1:
-            images, latents = self._distributed_generate(
-                self._generate_fn(use_guidance, sched, mode, size), replicas, args, latents, tables, start, cond)
-        elif callback is None:
-            images, latents = self._generate_fn(use_guidance, sched, mode, size)(
-                args["cond_ids"], args["uncond_ids"], latents,
-                tables, args["guidance"], args["temperature"], args["seed"],
-                tf.constant(start, "int32"), cond,
-            )
-        else:
-            context = self._compiled(("context", use_guidance), lambda c, u: self._context(c, u, use_guidance))(
-                args["cond_ids"], args["uncond_ids"]
-            )
-            step = self._step_fn(use_guidance, sched, mode, size)
-            state = sched.init_state(latents)
-            run = len(timesteps) - start
-            for k, t in enumerate(timesteps[start:]):
-                latents, state = step(
-                    latents, state, tf.constant(start + k, "int32"), context, tables,
-                    args["guidance"], args["temperature"], args["seed"], cond,
+        # A function's first call traces and compiles it: give the compiler's freed memory back
+        # as it goes (compiler_memory), so that it does not add to the generation's peak.
+        first = (self._step_fn if callback is not None else self._generate_fn)(
+            use_guidance, sched, mode, size).experimental_get_tracing_count() == 0
+        with compiler_memory.released(first):
+            if callback is None and replicas > 1:
+                images, latents = self._distributed_generate(
+                    self._generate_fn(use_guidance, sched, mode, size), replicas, args, latents, tables, start, cond)
+            elif callback is None:
+                images, latents = self._generate_fn(use_guidance, sched, mode, size)(
+                    args["cond_ids"], args["uncond_ids"], latents,
+                    tables, args["guidance"], args["temperature"], args["seed"],
+                    tf.constant(start, "int32"), cond,
                 )
-                callback(k, run, t.item())
-            images = self._compiled(("decode", self._size_key(size)), self.decode)(latents)
+            else:
+                context = self._compiled(("context", use_guidance), lambda c, u: self._context(c, u, use_guidance))(
+                    args["cond_ids"], args["uncond_ids"]
+                )
+                step = self._step_fn(use_guidance, sched, mode, size)
+                state = sched.init_state(latents)
+                run = len(timesteps) - start
+                for k, t in enumerate(timesteps[start:]):
+                    latents, state = step(
+                        latents, state, tf.constant(start + k, "int32"), context, tables,
+                        args["guidance"], args["temperature"], args["seed"], cond,
+                    )
+                    callback(k, run, t.item())
+                images = self._compiled(("decode", self._size_key(size)), self.decode)(latents)
         images = self._finite_images(images, latents)
         images = to_uint8(images)
         if edit is not None and edit.mask is not None and paste_back:

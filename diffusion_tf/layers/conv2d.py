@@ -5,20 +5,21 @@ only get faster by doing fewer multiplications. Winograd's minimal filtering (La
 Gray, "Fast Algorithms for Convolutional Neural Networks", 2016) computes each 4x4 output
 tile from a 6x6 input tile with 36 multiplications per channel pair instead of 144:
 
-    Y = A^T [ (G g G^T) . (B^T d B) ] A                                   (Lavin, eq. 8)
+    Y = A^T [ (G g G^T) . (B^T d B) ] A
 
 for a 3x3 filter g and an input tile d; summed over input channels, the elementwise
 product becomes 36 matrix products [tiles, C_in] x [C_in, C_out]. The transforms are
 Toom-Cook matrices for the interpolation points (0, 1, -1, 1/2, -2, inf), built exactly
-with fractions below; the points 1/2 and -2 (instead of Lavin's 2 and -2) keep the float32
-error of one convolution at about 7e-6 of its largest output (Barabasz et al., "Error
-Analysis and Improving the Accuracy of Winograd Convolution", 2020), against 2e-5.
+with fractions below. The choice of points sets the float32 error (Barabasz et al., "Error
+analysis and improving the accuracy of Winograd convolution for deep neural networks",
+2020); measured here, 1/2 and -2 instead of Lavin's 2 and -2 put one convolution about
+7e-6 of its largest output away from a float64 one, against 2e-5 (direct: 3e-7).
 
 The filter transform G g G^T runs inside every call (the weights stay the checkpoint's
 [3, 3, C_in, C_out] kernel, no 4x larger copy), so Winograd pays only when there are many
 output pixels per weight; `winograd_applies` picks those convolutions from the static
-shapes (benchmarks/micro/winograd_conv.py: a 3x3 convolution at 2x32x32x320 takes 11.4 ms
-instead of 21.9, 2x64x64x320 63.6 instead of 85.9, 1x128x128x512 305 instead of 484, on
+shapes (benchmarks/micro/winograd_conv.py: a 3x3 convolution at 2x32x32x320 takes 13.4 ms
+instead of 23.2, 2x64x64x320 67.4 instead of 87.9, 1x128x128x512 317 instead of 514, on
 2 EPYC cores under XLA). Float32 only; set DIFFUSION_TF_WINOGRAD=0 (before the first
 call) for the direct convolution everywhere.
 """
@@ -34,12 +35,16 @@ OUTPUT_TILE = 4
 POINTS = (0, 1, -1, Fraction(1, 2), -2)
 # Shape rule, measured (see the module docstring): at least MIN_PIXELS output pixels
 # (batch x height x width), at least MIN_CHANNELS input and output channels (below, the
-# input and output transforms outweigh the saved multiplications: 1x512x512x128 is 1.6x
+# input and output transforms outweigh the saved multiplications: 1x512x512x128 is 1.2x
 # slower), and at most MAX_WEIGHTS_PER_PIXEL kernel channel pairs per output pixel (above,
-# the per-call filter transform outweighs them: 2x16x16x1280 is 1.8x slower).
+# the per-call filter transform outweighs them: 2x16x16x1280 is 2x slower,
+# 2x32x32x640 no faster). Memory: the tile tensors are 2.25x the input and the output,
+# so inputs above MAX_INPUT_BYTES stay direct (in the VAE decoder at 512 px, the 256x256
+# convolutions by Winograd raised the peak memory of a whole generation by 1.2 GiB).
 MIN_PIXELS = 2048
 MIN_CHANNELS = 256
 MAX_WEIGHTS_PER_PIXEL = 128
+MAX_INPUT_BYTES = 48 * 2**20
 
 
 def toom_cook(points, m=OUTPUT_TILE, r=3):
@@ -100,8 +105,14 @@ def winograd_conv3x3(x, kernel):
     b, h, w = ops.shape(x)[0], x.shape[1], x.shape[2]
     c_in, c_out = kernel.shape[2], kernel.shape[3]
     th, tw = h // m, w // m
-    # 1. Filter transform U = G g G^T: [36, C_in, C_out].
-    u = ops.reshape(ops.matmul(GG, ops.reshape(kernel, (9, c_in * c_out))), (a * a, c_in, c_out))
+    # 1. Filter transform U = G g G^T: [36, C_in, C_out]. U does not depend on the input, so
+    #    XLA would compute every convolution's U at the start and keep them all alive (0.25
+    #    GiB more peak memory for the SD UNet at 256 px); a zero taken from the input ties
+    #    each U to its own convolution.
+    first = x[0, 0, 0, 0]
+    zero = ops.where(ops.isfinite(first), first, 0.0) * 0.0
+    u = ops.matmul(GG + zero, ops.reshape(kernel, (9, c_in * c_out)))
+    u = ops.reshape(u, (a * a, c_in, c_out))
     # 2. Input transform V = B^T d B over the overlapping 6x6 tiles (stride 4) of the
     #    zero-padded input; element (i, j) of every tile is a strided slice.
     xp = ops.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]])
@@ -130,7 +141,7 @@ def winograd_applies(input_shape, kernel_shape):
         return False
     pixels = (input_shape[0] if isinstance(input_shape[0], int) else 1) * h * w
     return (pixels >= MIN_PIXELS and min(c_in, c_out) >= MIN_CHANNELS
-            and c_in * c_out <= MAX_WEIGHTS_PER_PIXEL * pixels)
+            and c_in * c_out <= MAX_WEIGHTS_PER_PIXEL * pixels and pixels * c_in * 4 <= MAX_INPUT_BYTES)
 
 
 class Conv2D(keras.layers.Conv2D):
