@@ -106,7 +106,7 @@ def winograd_conv3x3(x, kernel):
     c_in, c_out = kernel.shape[2], kernel.shape[3]
     th, tw = h // m, w // m
     # 1. Filter transform U = G g G^T: [36, C_in, C_out]. U does not depend on the input, so
-    #    XLA would compute every convolution's U at the start and keep them all alive (0.25
+    #    XLA would compute every convolution's U at the start and keep them all alive (0.15
     #    GiB more peak memory for the SD UNet at 256 px); a zero taken from the input ties
     #    each U to its own convolution.
     first = x[0, 0, 0, 0]
