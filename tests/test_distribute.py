@@ -8,6 +8,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from support import tiny_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,6 +43,7 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.integration  # not in the default run (about 1.5 minutes); CI runs it with `-m integration`
 def test_two_logical_cpus_give_the_images_of_one_device():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", SCRIPT, tiny_models.converted_folder("tiny-sd1")],
@@ -56,8 +59,6 @@ def test_two_logical_cpus_give_the_images_of_one_device():
 
 
 def test_bad_distribute_value():
-    import pytest
-
     from diffusion_tf import Text2Image
 
     with pytest.raises(ValueError, match="distribute='yes'"):

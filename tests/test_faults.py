@@ -16,6 +16,9 @@ import pytest
 
 from support import tiny_models
 
+# Module-scoped fixtures are built once: under `-n 2` every test of this file goes to one worker.
+pytestmark = pytest.mark.xdist_group("faults")
+
 FAULTS = {
     "disk full": lambda: OSError(errno.ENOSPC, "No space left on device"),
     "permission denied": lambda: PermissionError(errno.EACCES, "Permission denied"),

@@ -8,6 +8,9 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Not in the default run (about 3.5 minutes); CI runs it with `-m integration`.
+pytestmark = pytest.mark.integration
+
 NOTEBOOK = os.path.join(ROOT, "notebooks", "text2image.ipynb")
 
 

@@ -13,6 +13,9 @@ import pytest
 
 from support import tiny_models
 
+# Module-scoped fixtures are built once: under `-n 2` every test of this file goes to one worker.
+pytestmark = pytest.mark.xdist_group("parity")
+
 SOURCES = ("diffusers", "safetensors", "ckpt")
 TOL = 1e-4
 

@@ -17,6 +17,9 @@ import h5py
 import numpy as np
 import pytest
 
+# Module-scoped fixtures are built once: under `-n 2` every test of this file goes to one worker.
+pytestmark = pytest.mark.xdist_group("train")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FAST = dict(config="tiny", verbose=0, run_eagerly=True, dataset_size=24)
 PROMPT = "a red circle on a blue background"
