@@ -22,17 +22,21 @@ import sys
 import threading
 
 
-def _find_malloc_trim():
+def _libc_function(name, argtypes, restype):
+    """The C library's function `name` with its signature set, or None (not Linux, or no
+    such function in this C library)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
+        fn = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):
         return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return trim
+    fn.argtypes, fn.restype = argtypes, restype
+    return fn
+
+
+def _find_malloc_trim():
+    return _libc_function("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
 
 
 class _MallInfo2(ctypes.Structure):
@@ -41,17 +45,10 @@ class _MallInfo2(ctypes.Structure):
 
 
 def _find_free_bytes():
-    """A function returning the bytes in glibc's free heap chunks, or None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        info = libc.mallinfo2
-    except (OSError, AttributeError):
-        return None
-    info.argtypes = []
-    info.restype = _MallInfo2
-    return lambda: info().fordblks
+    """A function returning the bytes in glibc's free heap chunks (mallinfo2, glibc >= 2.33),
+    or None."""
+    info = _libc_function("mallinfo2", [], _MallInfo2)
+    return None if info is None else (lambda: info().fordblks)
 
 
 MALLOC_TRIM = _find_malloc_trim()
