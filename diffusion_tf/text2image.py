@@ -443,16 +443,15 @@ class Text2Image:
             seed=tf.constant(seed, "int64"),
         )
         replicas = self.strategy.num_replicas_in_sync
-        # A function's first call traces and compiles it: give the compiler's freed memory back
-        # as it goes (compiler_memory), so that it does not add to the generation's peak.
-        first = (self._step_fn if callback is not None else self._generate_fn)(
-            use_guidance, sched, mode, size).experimental_get_tracing_count() == 0
-        with compiler_memory.released(first):
+        # The whole generation (or, with a callback, one step) as one compiled function. Its first
+        # call traces and compiles it: give the compiler's freed memory back as it goes
+        # (compiler_memory), so that it does not add to the generation's peak.
+        fn = (self._generate_fn if callback is None else self._step_fn)(use_guidance, sched, mode, size)
+        with compiler_memory.released(fn.experimental_get_tracing_count() == 0):
             if callback is None and replicas > 1:
-                images, latents = self._distributed_generate(
-                    self._generate_fn(use_guidance, sched, mode, size), replicas, args, latents, tables, start, cond)
+                images, latents = self._distributed_generate(fn, replicas, args, latents, tables, start, cond)
             elif callback is None:
-                images, latents = self._generate_fn(use_guidance, sched, mode, size)(
+                images, latents = fn(
                     args["cond_ids"], args["uncond_ids"], latents,
                     tables, args["guidance"], args["temperature"], args["seed"],
                     tf.constant(start, "int32"), cond,
@@ -461,11 +460,10 @@ class Text2Image:
                 context = self._compiled(("context", use_guidance), lambda c, u: self._context(c, u, use_guidance))(
                     args["cond_ids"], args["uncond_ids"]
                 )
-                step = self._step_fn(use_guidance, sched, mode, size)
                 state = sched.init_state(latents)
                 run = len(timesteps) - start
                 for k, t in enumerate(timesteps[start:]):
-                    latents, state = step(
+                    latents, state = fn(
                         latents, state, tf.constant(start + k, "int32"), context, tables,
                         args["guidance"], args["temperature"], args["seed"], cond,
                     )
