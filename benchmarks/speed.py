@@ -16,7 +16,14 @@ How it measures:
   ours-xla, diffusers, ...), so that a change in machine load hits them all alike;
 - fp32, the UNet at batch 2 (classifier-free guidance), VAE decode and text encoder at
   batch 1; TensorFlow and PyTorch both get `--threads` threads (default: every core);
-- reports median / min / max seconds and the ratio of each median to diffusers eager's.
+- reports median / min / max seconds and the ratio of each median to diffusers eager's;
+- the glibc heap: our networks keep large freed blocks between calls
+  (`diffusion_tf.compiler_memory.keep_large_blocks`); diffusers runs with glibc's defaults, as
+  its users get it, and `--impls diffusers-keep-heap` adds diffusers with our setting. The
+  setting is process-wide, so before each call the heap is switched to that implementation's
+  mode (glibc's defaults as the 32 MiB mmap / 64 MiB trim thresholds its own adaptation
+  reaches at most). After diffusers' turn, our next call may fault part of its temporaries in
+  again: that counts against us.
   Peak resident memory is per process, so `--parts generate` runs each implementation's whole
   generation in a fresh process and reports its peak RSS.
 
@@ -111,6 +118,8 @@ def cases(parts, sizes, configs, ref, ours, impls, compile_torch):
         variants = {}
         if "diffusers" in impls:
             variants["diffusers"] = fn
+        if "diffusers-keep-heap" in impls:
+            variants["diffusers-keep-heap"] = fn
         if compile_torch:
             variants["diffusers-compile"] = torch.compile(fn)
         return variants
@@ -156,6 +165,18 @@ def to_numpy(y):
     return np.asarray(y)
 
 
+def set_heap_mode(impl):
+    """glibc's heap thresholds for `impl` (see the module docstring): kept large blocks for
+    ours and diffusers-keep-heap, glibc's defaults (at their adaptive maximum) for the others."""
+    from diffusion_tf import compiler_memory as cm
+
+    if cm.MALLOPT is None or not cm.large_blocks_kept():
+        return
+    keep = impl.startswith("ours") or impl == "diffusers-keep-heap"
+    cm.MALLOPT(cm.M_MMAP_THRESHOLD, cm.KEEP_BYTES if keep else 32 * 2**20)
+    cm.MALLOPT(cm.M_TRIM_THRESHOLD, cm.KEEP_BYTES if keep else 64 * 2**20)
+
+
 def measure(all_cases, repeats):
     import torch
 
@@ -164,6 +185,7 @@ def measure(all_cases, repeats):
         first, outputs = {}, {}
         for impl, fn in fns.items():
             gc.collect()
+            set_heap_mode(impl)
             t0 = time.perf_counter()
             with torch.inference_mode():
                 outputs[impl] = to_numpy(fn())
@@ -172,6 +194,7 @@ def measure(all_cases, repeats):
         times = {impl: [] for impl in fns}
         for r in range(repeats):
             for impl, fn in fns.items():
+                set_heap_mode(impl)
                 t0 = time.perf_counter()
                 with torch.inference_mode():
                     fn()
@@ -184,7 +207,7 @@ def measure(all_cases, repeats):
             med = statistics.median(times[impl])
             e = {"median_s": med, "min_s": min(times[impl]), "max_s": max(times[impl]),
                  "first_call_s": first[impl], "compile_s": max(0.0, first[impl] - med)}
-            if ref is not None and impl != "diffusers":
+            if ref is not None and not impl.startswith("diffusers"):
                 err = float(np.abs(outputs[impl] - ref).max())
                 e["max_abs_error_vs_diffusers"] = err
                 e["relative_error_vs_diffusers"] = err / max(float(np.abs(ref).max()), 1.0)
@@ -211,6 +234,9 @@ if impl.startswith("ours"):
     run = lambda: t2i.generate(PROMPT, num_steps=steps, seed=0, unconditional_guidance_scale=7.5)
 else:
     import torch, diffusers
+    if impl == "diffusers-keep-heap":
+        from diffusion_tf import compiler_memory
+        compiler_memory.keep_large_blocks()
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(os.path.join(folder, "diffusers"), safety_checker=None,
                                                              requires_safety_checker=False)
     pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(
@@ -353,7 +379,7 @@ def main(argv=None):
             write_pipeline_folders(configs, ref, ours, folder)
             del ref, ours
             gc.collect()
-        impls = [i for i in args.impls if i in ("ours-graph", "ours-xla", "diffusers")]
+        impls = [i for i in args.impls if i in ("ours-graph", "ours-xla", "diffusers", "diffusers-keep-heap")]
         timings.update(measure_generation(impls, args.sizes, args.steps, args.threads, folder))
         add_sum_of_parts(timings, args.sizes, args.steps)
     results["timings"] = timings

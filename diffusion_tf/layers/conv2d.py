@@ -31,19 +31,27 @@ import keras
 import numpy as np
 from keras import ops
 
+from diffusion_tf import compiler_memory
+
 OUTPUT_TILE = 4
 POINTS = (0, 1, -1, Fraction(1, 2), -2)
 # Shape rule, measured (see the module docstring): at least MIN_PIXELS output pixels
 # (batch x height x width), at least MIN_CHANNELS input and output channels (below, the
 # input and output transforms outweigh the saved multiplications: 1x512x512x128 is 1.2x
 # slower), and at most MAX_WEIGHTS_PER_PIXEL kernel channel pairs per output pixel (above,
-# the per-call filter transform outweighs them: 2x16x16x1280 is 2x slower,
-# 2x32x32x640 no faster). Memory: the tile tensors are 2.25x the input and the output,
-# so inputs above MAX_INPUT_BYTES stay direct (in the VAE decoder at 512 px, the 256x256
-# convolutions by Winograd raised the peak memory of a whole generation by 1.2 GiB).
+# the per-call filter transform outweighs them). The filter transform's cost depends on
+# the heap: with glibc's defaults its 4x larger output is faulted in at every call
+# (2x16x16x1280 was 2x slower, 2x32x32x640 no faster); with large blocks kept
+# (`compiler_memory.keep_large_blocks`, what the networks set) 2x32x32x640 -> 640 is 1.6x
+# faster, 960 -> 640 2.0x, 1280 -> 640 and 1920 -> 640 1.0-1.05x and 2x16x16x640 1.1x, so
+# the bound rises to MAX_WEIGHTS_PER_PIXEL_KEPT (benchmarks/micro/winograd_conv.py, 2026-11-24).
+# Memory: the tile tensors are 2.25x the input and the output, so inputs above
+# MAX_INPUT_BYTES stay direct (in the VAE decoder at 512 px, the 256x256 convolutions by
+# Winograd raised the peak memory of a whole generation by 1.2 GiB).
 MIN_PIXELS = 2048
 MIN_CHANNELS = 256
 MAX_WEIGHTS_PER_PIXEL = 128
+MAX_WEIGHTS_PER_PIXEL_KEPT = 320
 MAX_INPUT_BYTES = 48 * 2**20
 
 
@@ -132,7 +140,7 @@ def winograd_enabled():
 
 def winograd_applies(input_shape, kernel_shape):
     """Whether a stride-1 'same' convolution of these static shapes is faster by Winograd
-    (an unknown batch counts as 1)."""
+    (an unknown batch counts as 1), with the heap as it is now (see the shape rule)."""
     _, h, w, c_in = input_shape
     kh, kw, _, c_out = kernel_shape
     if (kh, kw) != (3, 3) or not isinstance(h, int) or not isinstance(w, int):
@@ -140,8 +148,9 @@ def winograd_applies(input_shape, kernel_shape):
     if h % OUTPUT_TILE or w % OUTPUT_TILE:
         return False
     pixels = (input_shape[0] if isinstance(input_shape[0], int) else 1) * h * w
+    per_pixel = MAX_WEIGHTS_PER_PIXEL_KEPT if compiler_memory.large_blocks_kept() else MAX_WEIGHTS_PER_PIXEL
     return (pixels >= MIN_PIXELS and min(c_in, c_out) >= MIN_CHANNELS
-            and c_in * c_out <= MAX_WEIGHTS_PER_PIXEL * pixels and pixels * c_in * 4 <= MAX_INPUT_BYTES)
+            and c_in * c_out <= per_pixel * pixels and pixels * c_in * 4 <= MAX_INPUT_BYTES)
 
 
 class Conv2D(keras.layers.Conv2D):
