@@ -17,9 +17,10 @@ How it measures:
 - fp32, the UNet at batch 2 (classifier-free guidance), VAE decode and text encoder at
   batch 1; TensorFlow and PyTorch both get `--threads` threads (default: every core);
 - reports median / min / max seconds and the ratio of each median to diffusers eager's;
-- the glibc heap: our networks keep large freed blocks between calls
-  (`diffusion_tf.compiler_memory.keep_large_blocks`); diffusers runs with glibc's defaults, as
-  its users get it, and `--impls diffusers-keep-heap` adds diffusers with our setting. The
+- the glibc heap: with DIFFUSION_TF_KEEP_HEAP=1 (opt-in) our networks keep large freed blocks
+  between calls (`diffusion_tf.compiler_memory.keep_large_blocks`); diffusers runs with glibc's
+  defaults, as its users get it, and `--impls diffusers-keep-heap` adds diffusers with our
+  setting. The
   setting is process-wide, so before each call the heap is switched to that implementation's
   mode (glibc's defaults as the 32 MiB mmap / 64 MiB trim thresholds its own adaptation
   reaches at most). After diffusers' turn, our next call may fault part of its temporaries in

@@ -10,10 +10,14 @@ in again: 74,000 page faults per 512 px UNet step, at about 3 us each on this ki
 heap and the next call reuses them without a fault. It made the Winograd filter transform
 at 640 channels 5x cheaper (33 -> 7 ms), so more convolutions now pay by Winograd (see
 `layers/conv2d.py`). The networks' `Model` base class calls it at a network's first call
-(not when built: the weights loaded in between would leave their freed blocks resident);
-`DIFFUSION_TF_KEEP_HEAP=0` (before the first call) leaves glibc's defaults.
-The price: up to `KEEP_BYTES` of freed memory stays resident between calls (the next call
-needs it again anyway), and `released` below trims after a function's first call.
+(not when built: the weights loaded in between would leave their freed blocks resident).
+
+It is opt-in (`DIFFUSION_TF_KEEP_HEAP=1` before the first call) because of its memory: a
+whole 20-step 512x512 generation then peaked at 13.07 GiB resident, against 6.24 GiB with
+glibc's defaults (a 1-step one at 6.30). The cause is not yet found; a likely one is that
+every thread's malloc arena keeps up to `KEEP_BYTES` of freed blocks. Until that is fixed
+(for example with fewer arenas, `M_ARENA_MAX`), the setting suits per-step use (the UNet
+step benchmark, the callback path) with memory to spare.
 
 Giving back. Compiling the SD 1.5 generation allocates and frees over a GiB in many small blocks.
 glibc keeps freed blocks in its heaps (one per thread that allocated, and the compiler runs
@@ -79,12 +83,13 @@ _kept = None
 
 def keep_large_blocks():
     """Keep freed blocks up to KEEP_BYTES in glibc's heap instead of unmapping them (see the
-    module docstring); once per process. Returns whether the setting is in effect: False
-    with DIFFUSION_TF_KEEP_HEAP=0 or where the C library has no glibc `mallopt`."""
+    module docstring); once per process, and only with DIFFUSION_TF_KEEP_HEAP=1 (opt-in).
+    Returns whether the setting is in effect: False without the opt-in or where the C
+    library has no glibc `mallopt`."""
     global _kept
     if _kept is None:
         _kept = False
-        if os.environ.get("DIFFUSION_TF_KEEP_HEAP", "1") != "0" and MALLOPT is not None:
+        if os.environ.get("DIFFUSION_TF_KEEP_HEAP", "0") == "1" and MALLOPT is not None:
             # The mmap threshold first: where it is refused, nothing has changed (setting the
             # trim threshold alone would turn off glibc's own adaptation of both).
             _kept = MALLOPT(M_MMAP_THRESHOLD, KEEP_BYTES) == 1 and MALLOPT(M_TRIM_THRESHOLD, KEEP_BYTES) == 1
