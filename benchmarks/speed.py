@@ -348,6 +348,9 @@ def main(argv=None):
     p.add_argument("--folder", default=None, help="where --parts generate writes the two model folders")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if "diffusers-keep-heap" in args.impls and os.environ.get("DIFFUSION_TF_KEEP_HEAP") != "1":
+        # keep_large_blocks is opt-in: without it this row would silently be plain diffusers.
+        p.error("--impls diffusers-keep-heap needs DIFFUSION_TF_KEEP_HEAP=1 (the heap setting it compares)")
     _configure_threads(args.threads)
     import diffusers
     import tensorflow as tf
