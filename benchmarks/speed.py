@@ -17,16 +17,17 @@ How it measures:
 - fp32, the UNet at batch 2 (classifier-free guidance), VAE decode and text encoder at
   batch 1; TensorFlow and PyTorch both get `--threads` threads (default: every core);
 - reports median / min / max seconds and the ratio of each median to diffusers eager's;
-- the glibc heap: with DIFFUSION_TF_KEEP_HEAP=1 (opt-in) our networks keep large freed blocks
+- the glibc heap: unless DIFFUSION_TF_KEEP_HEAP=0, our networks keep large freed blocks
   between calls (`diffusion_tf.compiler_memory.keep_large_blocks`); diffusers runs with glibc's
-  defaults, as its users get it, and `--impls diffusers-keep-heap` adds diffusers with our
-  setting. The
-  setting is process-wide, so before each call the heap is switched to that implementation's
-  mode (glibc's defaults as the 32 MiB mmap / 64 MiB trim thresholds its own adaptation
-  reaches at most). After diffusers' turn, our next call may fault part of its temporaries in
-  again: that counts against us.
+  thresholds, as its users get it, and `--impls diffusers-keep-heap` adds diffusers with our
+  setting. The setting is process-wide, so before each call the heap is switched to that
+  implementation's mode (glibc's defaults as the 32 MiB mmap / 64 MiB trim thresholds its own
+  adaptation reaches at most). After diffusers' turn, our next call may fault part of its
+  temporaries in again: that counts against us. (The one malloc arena that `import
+  diffusion_tf` sets stays for both.)
   Peak resident memory is per process, so `--parts generate` runs each implementation's whole
-  generation in a fresh process and reports its peak RSS.
+  generation in a fresh process and reports its peak RSS (VmHWM: not ru_maxrss, which a child
+  inherits from its parent; `benchmarks/peak_memory.py`).
 
 Results go to benchmarks/results/speed-<parts>.json and a Markdown table on stdout;
 benchmarks/README.md keeps the latest table with the machine it ran on.
@@ -37,7 +38,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -47,6 +47,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from benchmarks.peak_memory import peak_rss_gib  # noqa: E402
 PROMPT = "a photograph of an astronaut riding a horse"
 
 
@@ -222,10 +223,11 @@ def measure(all_cases, repeats):
 
 # ------------------------------------------------------------------ whole generation
 GENERATE_SCRIPT = r'''
-import json, os, resource, sys, time
+import json, os, sys, time
 impl, folder, size, steps, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 sys.path.insert(0, sys.argv[6])
 from benchmarks.speed import _configure_threads, PROMPT
+from benchmarks.peak_memory import peak_rss_gib
 _configure_threads(threads)
 import numpy as np
 if impl.startswith("ours"):
@@ -249,7 +251,7 @@ else:
 t0 = time.perf_counter(); run(); first = time.perf_counter() - t0
 t0 = time.perf_counter(); run(); second = time.perf_counter() - t0
 print(json.dumps({"first_s": first, "second_s": second,
-                  "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+                  "peak_rss_gib": peak_rss_gib()}))
 '''
 
 
@@ -348,9 +350,9 @@ def main(argv=None):
     p.add_argument("--folder", default=None, help="where --parts generate writes the two model folders")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    if "diffusers-keep-heap" in args.impls and os.environ.get("DIFFUSION_TF_KEEP_HEAP") != "1":
-        # keep_large_blocks is opt-in: without it this row would silently be plain diffusers.
-        p.error("--impls diffusers-keep-heap needs DIFFUSION_TF_KEEP_HEAP=1 (the heap setting it compares)")
+    if "diffusers-keep-heap" in args.impls and os.environ.get("DIFFUSION_TF_KEEP_HEAP") == "0":
+        # With the setting turned off this row would silently be plain diffusers.
+        p.error("--impls diffusers-keep-heap compares the heap setting that DIFFUSION_TF_KEEP_HEAP=0 turns off")
     _configure_threads(args.threads)
     import diffusers
     import tensorflow as tf
@@ -387,7 +389,7 @@ def main(argv=None):
         timings.update(measure_generation(impls, args.sizes, args.steps, args.threads, folder))
         add_sum_of_parts(timings, args.sizes, args.steps)
     results["timings"] = timings
-    results["peak_rss_gib_this_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    results["peak_rss_gib_this_process"] = peak_rss_gib()
     out = args.out or os.path.join(ROOT, "benchmarks", "results", f"speed-{'-'.join(sorted(parts))}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out + ".tmp", "w") as f:

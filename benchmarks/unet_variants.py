@@ -4,9 +4,9 @@
     python benchmarks/unet_variants.py --sizes 512 --dtypes float32 mixed_bfloat16 mixed_float16
 
 The SD v1.5 UNet (random weights: speed and memory do not depend on them), batch 2 (guidance),
-one fresh process per (size, attention, dtype) so that each peak resident memory (ru_maxrss)
-is that configuration's own: build, first call (XLA compile unless --no-xla), then --repeats
-timed calls. Standard attention above 256 MiB of scores is computed in chunks of queries
+one fresh process per (size, attention, dtype) so that each peak resident memory (VmHWM,
+`benchmarks/peak_memory.py`) is that configuration's own: build, first call (XLA compile
+unless --no-xla), then --repeats timed calls. Standard attention above 256 MiB of scores is computed in chunks of queries
 (diffusion_tf.layers.attention.MAX_SCORE_BYTES), so 1024 px runs in 24 GiB.
 
 Results: benchmarks/results/unet-variants.json and a Markdown table on stdout.
@@ -21,10 +21,11 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ONE = r'''
-import json, os, resource, statistics, sys, time
+import json, os, statistics, sys, time
 size, attention, dtype, repeats, xla, threads = (int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]),
                                                  sys.argv[5] == "1", int(sys.argv[6]))
 sys.path.insert(0, sys.argv[7])
+from benchmarks.peak_memory import peak_rss_gib
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np, tensorflow as tf
 tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -46,7 +47,7 @@ for _ in range(repeats):
 med = statistics.median(times)
 print(json.dumps({"median_s": med, "min_s": min(times), "max_s": max(times), "compile_s": max(0.0, first - med),
                   "finite": bool(np.isfinite(out).all()),
-                  "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+                  "peak_rss_gib": peak_rss_gib()}))
 '''
 
 

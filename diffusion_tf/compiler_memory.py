@@ -12,12 +12,11 @@ at 640 channels 5x cheaper (33 -> 7 ms), so more convolutions now pay by Winogra
 `layers/conv2d.py`). The networks' `Model` base class calls it at a network's first call
 (not when built: the weights loaded in between would leave their freed blocks resident).
 
-It is opt-in (`DIFFUSION_TF_KEEP_HEAP=1` before the first call) because of its memory: a
-whole 20-step 512x512 generation then peaked at 13.07 GiB resident, against 6.24 GiB with
-glibc's defaults (a 1-step one at 6.30). The cause is not yet found; a likely one is that
-every thread's malloc arena keeps up to `KEEP_BYTES` of freed blocks. Until that is fixed
-(for example with fewer arenas, `M_ARENA_MAX`), the setting suits per-step use (the UNet
-step benchmark, the callback path) with memory to spare.
+It is on by default; `DIFFUSION_TF_KEEP_HEAP=0` turns it off. Memory: a whole 20-step
+512x512 generation peaked at 6.27 GiB resident (6.30 over two generations) with it, against
+6.24 with glibc's defaults and 6.33 for diffusers (2026-11-24). (An earlier reading of
+13 GiB, which had made it opt-in, was the benchmark's error: the child process reported its
+parent's ru_maxrss; see benchmarks/peak_memory.py.)
 
 Giving back. Compiling the SD 1.5 generation allocates and frees over a GiB in many small blocks.
 glibc keeps freed blocks in its heaps (one per thread that allocated, and the compiler runs
@@ -81,15 +80,20 @@ KEEP_BYTES = 2**30
 _kept = None
 
 
+def enabled():
+    """Whether this process keeps large heap blocks: yes unless DIFFUSION_TF_KEEP_HEAP=0."""
+    return os.environ.get("DIFFUSION_TF_KEEP_HEAP", "1") != "0"
+
+
 def keep_large_blocks():
     """Keep freed blocks up to KEEP_BYTES in glibc's heap instead of unmapping them (see the
-    module docstring); once per process, and only with DIFFUSION_TF_KEEP_HEAP=1 (opt-in).
-    Returns whether the setting is in effect: False without the opt-in or where the C
-    library has no glibc `mallopt`."""
+    module docstring); once per process, unless DIFFUSION_TF_KEEP_HEAP=0. Returns whether
+    the setting is in effect: False when turned off or where the C library has no glibc
+    `mallopt`."""
     global _kept
     if _kept is None:
         _kept = False
-        if os.environ.get("DIFFUSION_TF_KEEP_HEAP", "0") == "1" and MALLOPT is not None:
+        if enabled() and MALLOPT is not None:
             # The mmap threshold first: where it is refused, nothing has changed (setting the
             # trim threshold alone would turn off glibc's own adaptation of both).
             _kept = MALLOPT(M_MMAP_THRESHOLD, KEEP_BYTES) == 1 and MALLOPT(M_TRIM_THRESHOLD, KEEP_BYTES) == 1

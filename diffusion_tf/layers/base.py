@@ -6,8 +6,8 @@ UNet take seconds even at tiny sizes. Our layers create their variables through
 their sublayers (Dense, Conv2D, ...), which build themselves when first called,
 so `build` has nothing to do.
 
-With DIFFUSION_TF_KEEP_HEAP=1, calling a network (`Model`, outside `build_weights`) also
-keeps glibc from unmapping large freed blocks between calls
+Calling a network (`Model`, outside `build_weights`) also keeps glibc from unmapping large
+freed blocks between calls, unless DIFFUSION_TF_KEEP_HEAP=0
 (`compiler_memory.keep_large_blocks`): XLA's temporaries are then reused instead of
 faulted in again at every call.
 """

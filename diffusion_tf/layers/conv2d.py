@@ -42,7 +42,7 @@ POINTS = (0, 1, -1, Fraction(1, 2), -2)
 # the per-call filter transform outweighs them). The filter transform's cost depends on
 # the heap: with glibc's defaults its 4x larger output is faulted in at every call
 # (2x16x16x1280 was 2x slower, 2x32x32x640 no faster); with large blocks kept
-# (`compiler_memory.keep_large_blocks`, opt-in: DIFFUSION_TF_KEEP_HEAP=1) 2x32x32x640 -> 640 is 1.6x
+# (`compiler_memory.keep_large_blocks`, the default) 2x32x32x640 -> 640 is 1.6x
 # faster, 960 -> 640 2.0x, 1280 -> 640 and 1920 -> 640 1.0-1.05x and 2x16x16x640 1.1x, so
 # the bound rises to MAX_WEIGHTS_PER_PIXEL_KEPT (benchmarks/micro/winograd_conv.py, 2026-11-24).
 # Memory: the tile tensors are 2.25x the input and the output, so inputs above
