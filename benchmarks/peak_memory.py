@@ -9,6 +9,7 @@ parent that had held 13 GiB reported 13 GiB whatever it used itself (speed.py, 2
 
 import re
 import resource
+import sys
 
 
 def peak_rss_gib():
@@ -21,7 +22,5 @@ def peak_rss_gib():
         match = None
     if match:
         return int(match.group(1)) / 2**20
-    import sys
-
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return maxrss / 2**30 if sys.platform == "darwin" else maxrss / 2**20

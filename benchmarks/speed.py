@@ -23,8 +23,7 @@ How it measures:
   setting. The setting is process-wide, so before each call the heap is switched to that
   implementation's mode (glibc's defaults as the 32 MiB mmap / 64 MiB trim thresholds its own
   adaptation reaches at most). After diffusers' turn, our next call may fault part of its
-  temporaries in again: that counts against us. (The one malloc arena that `import
-  diffusion_tf` sets stays for both.)
+  temporaries in again: that counts against us.
   Peak resident memory is per process, so `--parts generate` runs each implementation's whole
   generation in a fresh process and reports its peak RSS (VmHWM: not ru_maxrss, which a child
   inherits from its parent; `benchmarks/peak_memory.py`).
@@ -350,7 +349,9 @@ def main(argv=None):
     p.add_argument("--folder", default=None, help="where --parts generate writes the two model folders")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    if "diffusers-keep-heap" in args.impls and os.environ.get("DIFFUSION_TF_KEEP_HEAP") == "0":
+    from diffusion_tf import compiler_memory
+
+    if "diffusers-keep-heap" in args.impls and not compiler_memory.enabled():
         # With the setting turned off this row would silently be plain diffusers.
         p.error("--impls diffusers-keep-heap compares the heap setting that DIFFUSION_TF_KEEP_HEAP=0 turns off")
     _configure_threads(args.threads)

@@ -6,8 +6,9 @@
 The SD v1.5 UNet (random weights: speed and memory do not depend on them), batch 2 (guidance),
 one fresh process per (size, attention, dtype) so that each peak resident memory (VmHWM,
 `benchmarks/peak_memory.py`) is that configuration's own: build, first call (XLA compile
-unless --no-xla), then --repeats timed calls. Standard attention above 256 MiB of scores is computed in chunks of queries
-(diffusion_tf.layers.attention.MAX_SCORE_BYTES), so 1024 px runs in 24 GiB.
+unless --no-xla), then --repeats timed calls. Standard attention above 256 MiB of scores is
+computed in chunks of queries (diffusion_tf.layers.attention.MAX_SCORE_BYTES), so 1024 px runs
+in 24 GiB.
 
 Results: benchmarks/results/unet-variants.json and a Markdown table on stdout.
 """

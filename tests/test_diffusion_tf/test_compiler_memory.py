@@ -78,20 +78,19 @@ def test_text2image_trims_on_a_functions_first_call_only(monkeypatch):
     assert len(calls) > n  # the callback path's step function is new
 
 
-# Allocates, fills and frees a 96 MiB block twice with the C library's malloc, and prints the
-# page faults of the second round. Above glibc's default mmap threshold (32 MiB at most), the
+# Calls a tiny network, then allocates, fills and frees a 96 MiB block twice with the C
+# library's malloc, and prints the page faults of the second round. Above glibc's default mmap threshold (32 MiB at most), the
 # block is a fresh mapping each time: about 24,000 faults. Kept in the heap: about none.
 FAULTS_SCRIPT = r"""
 import ctypes, json, resource, sys
 sys.path.insert(0, sys.argv[1])
+import numpy as np
 from diffusion_tf import compiler_memory
-if sys.argv[2] == "model":
-    import numpy as np
-    from diffusion_tf.models import AutoencoderKL
-    vae = AutoencoderKL(block_out_channels=[8], layers_per_block=1, norm_num_groups=4, latent_channels=4)
-    vae.build_weights()
-    assert not compiler_memory.large_blocks_kept()  # variables created, not yet called
-    vae(np.zeros((1, 8, 8, 3), np.float32))
+from diffusion_tf.models import AutoencoderKL
+vae = AutoencoderKL(block_out_channels=[8], layers_per_block=1, norm_num_groups=4, latent_channels=4)
+vae.build_weights()
+assert not compiler_memory.large_blocks_kept()  # variables created, not yet called
+vae(np.zeros((1, 8, 8, 3), np.float32))
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
@@ -117,7 +116,7 @@ def test_calling_a_network_keeps_large_freed_blocks_in_the_heap(env, kept):
     environ.pop("DIFFUSION_TF_KEEP_HEAP", None)
     if env is not None:
         environ["DIFFUSION_TF_KEEP_HEAP"] = env
-    out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, root, "model"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, root], capture_output=True, text=True,
                          env=environ, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["kept"] is kept
