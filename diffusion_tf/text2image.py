@@ -230,13 +230,13 @@ class Text2Image:
         t = scheduler.model_timestep(i, tables)  # float32; fractional with Karras sigmas
         if use_guidance:
             x = ops.concatenate([latents, latents], axis=0)
-            x = scheduler.scale_model_input(x, i, tables)
+            x = scheduler.scale_model_input_at(x, i, tables)
             if extra is not None:
                 x = ops.concatenate([x, ops.concatenate([extra, extra], axis=0)], axis=-1)
             out = ops.cast(self.unet(x, t, context), "float32")
             uncond, cond = ops.split(out, 2, axis=0)
             return uncond + guidance * (cond - uncond)
-        x = scheduler.scale_model_input(latents, i, tables)
+        x = scheduler.scale_model_input_at(latents, i, tables)
         if extra is not None:
             x = ops.concatenate([x, extra], axis=-1)
         return ops.cast(self.unet(x, t, context), "float32")

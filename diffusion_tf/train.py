@@ -1536,7 +1536,7 @@ def reverse_process_frames(pipe, prompt, steps, seed, guidance=5.0, frames=20):
     keep = set(np.round(np.linspace(0, len(timesteps) - 1, frames)).astype(int).tolist())
     out = []
     for i, t in enumerate(timesteps):
-        x = sched.scale_model_input(ops.concatenate([latents, latents], axis=0), i)
+        x = sched.scale_model_input_at(ops.concatenate([latents, latents], axis=0), i)
         pred = ops.cast(pipe.predict_noise(x, sched.model_timestep(i), context), "float32")
         uncond, cond = ops.split(pred, 2, axis=0)
         pred = uncond + guidance * (cond - uncond) if guidance > 1 else cond

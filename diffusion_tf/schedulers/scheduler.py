@@ -11,7 +11,7 @@ Underneath is a functional core that runs inside one XLA-compiled denoising loop
     x = noise * scheduler.init_noise_sigma
     state = scheduler.init_state(x)               # fixed-shape tuple of tensors
     for i in range(len(timesteps)):               # or ops.fori_loop over (x, state)
-        out = model(scheduler.scale_model_input(x, i), scheduler.model_timestep(i))
+        out = model(scheduler.scale_model_input_at(x, i), scheduler.model_timestep(i))
         x, state = scheduler.step_fn(out, i, x, state, noise=None)
 
 `i` is an index into `timesteps` (a tensor inside a loop). Everything that depends
@@ -19,7 +19,7 @@ only on the configuration and the step count is precomputed in NumPy at
 `set_timesteps` into `tables` (name -> array with one row per index) and gathered
 with `ops.take`; the tensor code never branches in Python on tensor values. A
 compiled function whose step count can change between calls passes `tables` in as
-an argument (`tables=` of `step_fn`, `scale_model_input`, `model_timestep`) so they
+an argument (`tables=` of `step_fn`, `scale_model_input_at`, `model_timestep`) so they
 are not frozen into the graph as constants.
 """
 
@@ -163,9 +163,12 @@ class Scheduler:
         """The algorithm's carried state before the first step: a tuple of tensors of fixed shape."""
         return ()
 
-    def scale_model_input(self, sample, i, tables=None):
+    def scale_model_input_at(self, sample, i, tables=None):
         """The model's input at index `i` (identity except for the sigma schedulers)."""
         return sample
+
+    def scale_model_input(self, sample, i, tables=None):
+        return self.scale_model_input_at(sample, i, tables)
 
     def step_fn(self, model_output, i, sample, state, noise=None, tables=None):
         """x at index i -> (x at index i + 1, new state). `noise`: standard normal, for stochastic ones."""
@@ -290,7 +293,7 @@ class SigmaScheduler(Scheduler):
             "v_skip": s2p1,
         }
 
-    def scale_model_input(self, sample, i, tables=None):
+    def scale_model_input_at(self, sample, i, tables=None):
         return as_float(sample) / self.table("input_scale", i, tables)
 
     def _x0(self, model_output, sample, i, tables):
