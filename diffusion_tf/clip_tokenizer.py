@@ -14,10 +14,10 @@ import regex
 _DEFAULT_VOCAB = os.path.join(os.path.dirname(__file__), "data", "clip", "bpe_simple_vocab_16e6.txt.gz")
 _NUM_MERGES = 49152 - 256 - 2  # merges used by CLIP from the OpenAI vocabulary file
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
-# Literal special tokens are split out first (as transformers does; OpenAI's single regex would let a
-# preceding punctuation run swallow the "<|"), then each remaining segment is pre-tokenized by CLIP's pattern.
+# How the pad token's text is tokenized where it occurs in a prompt (see CLIPTokenizer):
+# "special": split out as the pad id, as transformers' CLIPTokenizer does; "text": ordinary BPE, as open_clip does.
+PAD_TOKEN_IN_PROMPT = ("special", "text")
 # No IGNORECASE (OpenAI has it; it is moot after lower() except that it makes U+0345 match nothing and vanish).
-_SPECIAL = regex.compile(r"(<\|startoftext\|>|<\|endoftext\|>)")
 _PATTERN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
 _MAX_CACHE = 100_000
 
@@ -50,16 +50,30 @@ class CLIPTokenizer:
     """CLIP BPE tokenizer producing fixed-length int32 id arrays for the CLIP text encoder.
 
     With no files it uses the packaged OpenAI vocabulary; otherwise a diffusers/transformers
-    `vocab.json` + `merges.txt` pair. `pad_token_id` is 49407 for SD 1.x and 0 ("!") for SD 2.x; it is
-    used for padding only: a "!" in the prompt is tokenized normally, as open_clip does (transformers with
-    pad_token "!" would map it to 0 too, see diffusers issue #4153).
+    `vocab.json` + `merges.txt` pair. `pad_token_id` is 49407 (EOS) for SD 1.x and 0 ("!") for SD 2.x.
+
+    Special tokens are split out of the (cleaned) prompt before BPE, leftmost and longest first, as
+    transformers' CLIPTokenizer splits out its added tokens: BOS "<|startoftext|>", EOS "<|endoftext|>"
+    (CLIP's UNK is EOS too) and, with `pad_token_in_prompt="special"` (the default), the pad token's text.
+    So with pad "!" the prompt "hello!!" is [hello</w>, 0, 0] as in transformers and diffusers (whose SD 2.x
+    and SDXL text encoders were used with exactly these ids), not [hello</w>, "!!</w>"].
+    `pad_token_in_prompt="text"` tokenizes the pad token's text as ordinary text, as open_clip does (the
+    tokenizer SD 2.x was trained with; diffusers issue #4153). With pad = EOS the two are the same.
     """
 
-    def __init__(self, vocab_file=None, merges_file=None, context_length=77, pad_token_id=49407):
+    PAD_TOKEN_IN_PROMPT = PAD_TOKEN_IN_PROMPT
+
+    def __init__(self, vocab_file=None, merges_file=None, context_length=77, pad_token_id=49407,
+                 pad_token_in_prompt="special"):
         if (vocab_file is None) != (merges_file is None):
             raise ValueError("vocab_file and merges_file must be given together (or neither).")
         if context_length < 2:
             raise ValueError(f"context_length must be at least 2, got {context_length}.")
+        if pad_token_in_prompt not in PAD_TOKEN_IN_PROMPT:
+            raise ValueError(
+                f"pad_token_in_prompt must be one of {', '.join(map(repr, PAD_TOKEN_IN_PROMPT))}, "
+                f"got {pad_token_in_prompt!r}."
+            )
         self.byte_encoder = _bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         if vocab_file is None:
@@ -79,14 +93,30 @@ class CLIPTokenizer:
         self.bpe_ranks = {pair: rank for rank, pair in enumerate(merges)}
         self.bos_token_id = self.encoder[_BOS]
         self.eos_token_id = self.encoder[_EOS]
-        if pad_token_id not in self.decoder:
-            raise ValueError(f"pad_token_id {pad_token_id} is not in the vocabulary.")
         self.context_length = int(context_length)
-        self.pad_token_id = int(pad_token_id)
+        self.pad_token_in_prompt = pad_token_in_prompt
+        self.pad_token_id = pad_token_id
         self._cache = {}
 
+    @property
+    def pad_token_id(self):
+        return self._pad_token_id
+
+    @pad_token_id.setter
+    def pad_token_id(self, value):
+        if isinstance(value, bool) or value not in self.decoder:
+            raise ValueError(f"pad_token_id {value!r} is not in the vocabulary (ids 0..{len(self.decoder) - 1}).")
+        self._pad_token_id = int(value)
+        specials = {_BOS, _EOS}
+        if self.pad_token_in_prompt == "special":
+            specials.add(self.decoder[self._pad_token_id])
+        # Longest first: at any position the regex takes the first alternative that matches, so this is
+        # the leftmost-longest match of transformers' added-token splitting (e.g. "!" vs "!</w>").
+        alternatives = sorted(specials, key=lambda t: (-len(t), t))
+        self._special = regex.compile("(" + "|".join(map(regex.escape, alternatives)) + ")")
+
     @classmethod
-    def from_folder(cls, path, context_length=77):
+    def from_folder(cls, path, context_length=77, pad_token_in_prompt="special"):
         """Load a diffusers/transformers tokenizer folder (vocab.json, merges.txt, optional pad token).
 
         A folder with only special_tokens_map.json / tokenizer_config.json uses the packaged vocabulary.
@@ -100,14 +130,18 @@ class CLIPTokenizer:
         files = [os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")]
         if not os.path.isfile(files[0]):  # only the special tokens: the packaged vocabulary
             files = [None, None]
-        tokenizer = cls(*files, context_length=context_length)
+        tokenizer = cls(*files, context_length=context_length, pad_token_in_prompt=pad_token_in_prompt)
         if pad_token not in tokenizer.encoder:
             raise ValueError(f"pad token {pad_token!r} from {path} is not in the vocabulary.")
         tokenizer.pad_token_id = tokenizer.encoder[pad_token]
         return tokenizer
 
     def get_config(self):
-        return {"context_length": self.context_length, "pad_token_id": self.pad_token_id}
+        """Constructor arguments; `pad_token_in_prompt` only where it is not the default "special"."""
+        config = {"context_length": self.context_length, "pad_token_id": self.pad_token_id}
+        if self.pad_token_in_prompt != "special":
+            config["pad_token_in_prompt"] = self.pad_token_in_prompt
+        return config
 
     def save_vocabulary(self, folder):
         """Write `vocab.json` and `merges.txt` as transformers' CLIPTokenizer reads them; returns the paths."""
@@ -149,8 +183,11 @@ class CLIPTokenizer:
     def encode(self, text):
         """Token ids of `text`, without BOS/EOS and without truncation."""
         ids = []
-        for segment in _SPECIAL.split(_clean(text)):
-            if segment in (_BOS, _EOS):
+        # Special tokens are split out of the cleaned text first, then each remaining segment is
+        # pre-tokenized by CLIP's pattern (OpenAI's single regex would let a preceding punctuation run
+        # swallow the "<|"). regex.split with one group: the odd-indexed parts are the matches.
+        for i, segment in enumerate(self._special.split(_clean(text))):
+            if i % 2:
                 ids.append(self.encoder[segment])
                 continue
             for piece in _PATTERN.findall(segment):

@@ -25,11 +25,24 @@ def build_model(component, config, dtype=None, **overrides):
 
 
 def load_tokenizer(folder, config):
+    """The CLIPTokenizer of a model folder, from its config's "tokenizer" settings.
+
+    Keys: "context_length" (77), "pad_token_id" (49407) and "pad_token_in_prompt": "special" (the default:
+    the pad token's text in a prompt becomes the pad id, as in transformers/diffusers) or "text" (ordinary
+    BPE, as open_clip); see CLIPTokenizer.
+    """
     tok = config.get("tokenizer", {})
     kwargs = {
         "context_length": tok.get("context_length", 77),
         "pad_token_id": tok.get("pad_token_id", 49407),
+        "pad_token_in_prompt": tok.get("pad_token_in_prompt", "special"),
     }
+    allowed = CLIPTokenizer.PAD_TOKEN_IN_PROMPT
+    if kwargs["pad_token_in_prompt"] not in allowed:  # checked here: the files' error handling below would hide it
+        raise ValueError(
+            f"config.json of {folder!r}: tokenizer.pad_token_in_prompt must be one of "
+            f"{', '.join(map(repr, allowed))}, got {kwargs['pad_token_in_prompt']!r}."
+        )
     files = os.path.join(folder, "tokenizer")
     if not os.path.isfile(os.path.join(files, "vocab.json")):
         return CLIPTokenizer(**kwargs)

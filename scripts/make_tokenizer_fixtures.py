@@ -3,16 +3,21 @@
 Needs `transformers` (and `ftfy`). The reference tokenizer is loaded from the vocab.json / merges.txt
 that our package-data vocabulary writes via `CLIPTokenizer.save_vocabulary`.
 
-transformers 5 only ships the fast (Rust `tokenizers`) CLIPTokenizer, which normalizes text with
-NFC + whitespace collapse + lowercase only. OpenAI CLIP (and transformers' old slow tokenizer, which
-Stable Diffusion was trained with) first runs ftfy.fix_text and html.unescape. So the expected ids are
-the reference's ids for the OpenAI-cleaned prompt; where the fast tokenizer on the raw prompt gives
-different ids, those are recorded as well (`reference_raw_ids_pad49407`) for information.
+transformers 5 only ships the fast (Rust `tokenizers`) CLIPTokenizer (`CLIPTokenizerFast`, AutoTokenizer
+and `use_fast=False` all give that one class), which normalizes text with NFC + whitespace collapse +
+lowercase only. OpenAI CLIP first runs ftfy.fix_text and html.unescape. So the expected ids are the
+reference's ids for the OpenAI-cleaned prompt; where the fast tokenizer on the raw prompt gives different
+ids, those are recorded as well (`reference_raw_ids_pad49407`) for information.
 
-Pad 0 (SD 2.x): `ids_pad0` are the reference's ids padded with 0. A transformers tokenizer loaded with
-pad_token "!" (as diffusers' SD 2.x tokenizer folders are) also turns every "!" inside the prompt into the
-special token 0, unlike open_clip / OpenAI (https://github.com/huggingface/diffusers/issues/4153); we follow
-open_clip, and record the "!"-as-pad-token ids as `reference_pad_bang_ids` where they differ.
+Two pad conventions, each against its own reference:
+  ids_pad49407   pad = EOS "<|endoftext|>" (SD 1.x): `CLIPTokenizer.from_pretrained(folder)`.
+  ids_pad0       pad = "!" (id 0; SD 2.x, SDXL's second tokenizer): the reference loaded with pad_token "!".
+                 The pad token is a special (added) token, so transformers splits the text on every "!"
+                 before BPE: "!!!" is 0 0 0, not 995. The same ids come from a folder laid out as
+                 diffusers' SD 2.x tokenizer folders are (pad "!" in special_tokens_map.json) through
+                 CLIPTokenizer and AutoTokenizer; the script checks that for every prompt.
+  ids_pad0_text  pad_token_in_prompt="text" (open_clip's tokenization): the EOS-pad reference's ids
+                 padded with 0 (https://github.com/huggingface/diffusers/issues/4153).
 
 Usage: python scripts/make_tokenizer_fixtures.py [--check]   (--check: compare only, write nothing)
 """
@@ -90,6 +95,25 @@ PROMPTS = [
     "cat " * 75,
     "cat " * 76,
     LONG_PROMPT,
+    # "!" (the SD 2.x pad token) in every position: transformers maps each one to the pad id 0.
+    "!",
+    "!!!",
+    "Hello, world!!! How are you?",
+    "word! words!! hello!!",
+    "!? ?! ?!? !!?? ...!!! !.!",
+    "a!b x!y!z 3! 1!2 don't! it's!",
+    "!hello !!world!! !",
+    "¡hola! ¿qué tal?!",
+    "café! naïve!! Ångström!!!",
+    "猫！ 東京! 한국어!! 😀! 🐱!!🐶 👩‍🚀!",
+    "fullwidth ！ and \u01c3 (click) and \u203c double ‼ and ❗ emoji",
+    "e\u0301! !\u0301 combining accents next to !",
+    "html: &excl; &#33; &#x21; &amp;excl;",
+    "!<|endoftext|>! <|startoftext|>!!",
+    "  !  \t!\n !  ",
+    "!" * 100,
+    "wow " * 37 + "!!!!! the end",
+    LONG_PROMPT.replace(",", "!"),
 ]
 
 
@@ -99,18 +123,44 @@ def openai_clean(text):
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
+def sd2_folder(folder):
+    """A tokenizer folder laid out as diffusers' SD 2.x ones: tokenizer_config.json from CLIP ViT-L/14
+    (pad "<|endoftext|>", normalized AddedTokens) and special_tokens_map.json with pad "!", which wins."""
+    CLIPTokenizer().save_vocabulary(folder)
+
+    def added(content):
+        return {"content": content, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
+
+    bos, eos = added("<|startoftext|>"), added("<|endoftext|>")
+    with open(os.path.join(folder, "special_tokens_map.json"), "w", encoding="utf-8") as f:
+        json.dump({"bos_token": bos, "eos_token": eos, "pad_token": "!", "unk_token": eos}, f)
+    typed = {name: {"__type": "AddedToken", **token} for name, token in (("bos_token", bos), ("eos_token", eos))}
+    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"add_prefix_space": False, "do_lower_case": True, "errors": "replace", "model_max_length": 77,
+                   "pad_token": "<|endoftext|>", "tokenizer_class": "CLIPTokenizer", "unk_token": typed["eos_token"],
+                   **typed}, f)
+    return folder
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare only, do not write the fixture")
     args = parser.parse_args()
 
-    ours = CLIPTokenizer()
-    ours_pad0 = CLIPTokenizer(pad_token_id=0)
-    with tempfile.TemporaryDirectory() as folder:
-        ours.save_vocabulary(folder)
+    ours = {
+        "ids_pad49407": CLIPTokenizer(),
+        "ids_pad0": CLIPTokenizer(pad_token_id=0),
+        "ids_pad0_text": CLIPTokenizer(pad_token_id=0, pad_token_in_prompt="text"),
+    }
+    with tempfile.TemporaryDirectory() as folder, tempfile.TemporaryDirectory() as sd2:
+        ours["ids_pad49407"].save_vocabulary(folder)
         ref = transformers.CLIPTokenizer.from_pretrained(folder)
         ref_pad0 = transformers.CLIPTokenizer.from_pretrained(folder, pad_token="!")
-    assert ref.pad_token_id == 49407 and ref_pad0.pad_token_id == 0, (ref.pad_token_id, ref_pad0.pad_token_id)
+        sd2_folder(sd2)
+        sd2_refs = [transformers.CLIPTokenizer.from_pretrained(sd2), transformers.AutoTokenizer.from_pretrained(sd2)]
+    pads = [t.pad_token_id for t in [ref, ref_pad0, *sd2_refs]]
+    assert pads == [49407, 0, 0, 0], pads
+    assert all(type(t) is type(ref) for t in [ref_pad0, *sd2_refs]), [type(t) for t in sd2_refs]
     ref_class = f"{type(ref).__module__}.{type(ref).__qualname__}"
     print(f"reference: {ref_class} (transformers {transformers.__version__}, fast={ref.is_fast})")
 
@@ -127,18 +177,20 @@ def main():
         case = {
             "prompt": prompt,
             "ids_pad49407": ref_ids(ref, cleaned),
-            "ids_pad0": ref_ids(ref, cleaned, pad_id=0),
+            "ids_pad0": ref_ids(ref_pad0, cleaned),
+            "ids_pad0_text": ref_ids(ref, cleaned, pad_id=0),
         }
         assert ref_ids(ref, cleaned, pad_id=49407) == case["ids_pad49407"]
-        bang = ref_ids(ref_pad0, cleaned)
-        if bang != case["ids_pad0"]:
-            case["reference_pad_bang_ids"] = bang
-            print(f"note: reference loaded with pad_token '!' differs for {prompt[:60]!r}")
+        assert ref_ids(ref_pad0, cleaned, pad_id=0) == case["ids_pad0"]
+        for sd2_ref in sd2_refs:
+            assert ref_ids(sd2_ref, cleaned) == case["ids_pad0"], f"SD 2.x folder differs for {prompt!r}"
+        if "!" not in cleaned:
+            assert case["ids_pad0"] == case["ids_pad0_text"], prompt
         raw = ref_ids(ref, prompt)
         if raw != case["ids_pad49407"]:
             case["reference_raw_ids_pad49407"] = raw
             print(f"note: fast reference on the raw (un-ftfy'd) text differs for {prompt[:60]!r}")
-        for key, tok in (("ids_pad49407", ours), ("ids_pad0", ours_pad0)):
+        for key, tok in ours.items():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 got = tok(prompt)[0].tolist()
@@ -150,7 +202,8 @@ def main():
     if mismatches:
         print(f"{mismatches} mismatches; fixture not written")
         return 1
-    print(f"all {len(cases)} prompts agree (both pad ids)")
+    differ = sum(c["ids_pad0"] != c["ids_pad0_text"] for c in cases)
+    print(f"all {len(cases)} prompts agree (3 conventions); {differ} where '!' makes pad 0 differ from open_clip")
     if args.check:
         return 0
     header = {
@@ -162,9 +215,9 @@ def main():
         "note": "ids = reference applied to the OpenAI-cleaned prompt (ftfy.fix_text, html.unescape x2, "
         "whitespace collapse, lowercase); reference_raw_ids_pad49407 = the fast reference on the raw prompt, "
         "present only where it differs (transformers 5's fast tokenizer does no ftfy/html cleaning). "
-        "ids_pad0 = reference ids padded with 0; reference_pad_bang_ids = a reference loaded with pad_token '!' "
-        "(diffusers' SD 2.x folders), present only where it differs: it maps every '!' in the text to 0, "
-        "open_clip does not (diffusers issue #4153).",
+        "ids_pad0 = the reference loaded with pad_token '!' (as diffusers' SD 2.x folders are): every '!' "
+        "in the text is the special token 0. ids_pad0_text = pad_token_in_prompt='text' (open_clip): the "
+        "pad-EOS reference's ids padded with 0 (diffusers issue #4153).",
     }
     # One line per id list keeps the file small and readable.
     lines = ["{"]

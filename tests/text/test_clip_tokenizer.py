@@ -61,6 +61,22 @@ def test_fixture_prompts(tok, tok_pad0, case):
     assert _quiet(tok_pad0, case["prompt"])[0].tolist() == case["ids_pad0"]
 
 
+@pytest.mark.parametrize("case", CASES, ids=[f"{i}:{c['prompt'][:24]!r}" for i, c in enumerate(CASES)])
+def test_fixture_prompts_pad_token_as_text(case):
+    tok = CLIPTokenizer(pad_token_id=0, pad_token_in_prompt="text")
+    assert _quiet(tok, case["prompt"])[0].tolist() == case["ids_pad0_text"]
+
+
+def test_fixture_covers_the_pad_token_in_prompts():
+    """The fixture must hold prompts where the two pad-0 conventions differ, with and without truncation."""
+    differ = [c for c in CASES if c["ids_pad0"] != c["ids_pad0_text"]]
+    assert len(differ) >= 15
+    assert any(c["ids_pad0"][-1] == EOS and "!" in c["prompt"][-5:] for c in differ)  # truncated, ends in "!"
+    for c in CASES:
+        if c["ids_pad0"] != c["ids_pad0_text"]:
+            assert 0 in c["ids_pad0"][1 : c["ids_pad0"].index(EOS)]  # a "!" became the pad id inside the text
+
+
 def test_fixture_batch(tok):
     prompts = [c["prompt"] for c in CASES]
     assert _quiet(tok, prompts).tolist() == [c["ids_pad49407"] for c in CASES]
@@ -151,6 +167,96 @@ def test_from_folder_tokenizer_config_added_token(tmp_path):
     assert CLIPTokenizer.from_folder(str(tmp_path)).pad_token_id == 0
 
 
+# ----------------------------------------------------------------------------------------------
+# The pad token inside a prompt (SD 2.x: pad "!" = id 0).
+
+
+def test_hello_world_both_conventions():
+    """The README's example: transformers/diffusers split "!" out as the pad token, open_clip does not."""
+    special = CLIPTokenizer(pad_token_id=0)
+    text = CLIPTokenizer(pad_token_id=0, pad_token_in_prompt="text")
+    assert special.encode("Hello, world!!!") == [3306, 267, 1002, 0, 0, 0]
+    assert text.encode("Hello, world!!!") == [3306, 267, 1002, 995]
+    assert special("Hello, world!!!")[0, :9].tolist() == [BOS, 3306, 267, 1002, 0, 0, 0, EOS, 0]
+    assert text("Hello, world!!!")[0, :7].tolist() == [BOS, 3306, 267, 1002, 995, EOS, 0]
+
+
+@pytest.mark.parametrize(
+    "prompt, special, text",
+    [
+        ("!", [0], [256]),
+        ("hello!!", [3306, 0, 0], [3306, 748]),
+        ("!?", [0, 286], [6004]),
+        ("a!b", [320, 0, 321], [320, 256, 321]),
+        ("  !  ", [0], [256]),
+        ("!<|endoftext|>!", [0, EOS, 0], [256, EOS, 256]),
+    ],
+)
+def test_pad_token_splits_the_text(prompt, special, text):
+    assert CLIPTokenizer(pad_token_id=0).encode(prompt) == special
+    assert CLIPTokenizer(pad_token_id=0, pad_token_in_prompt="text").encode(prompt) == text
+
+
+def test_pad_eos_is_the_same_in_both_conventions(tok):
+    prompts = [c["prompt"] for c in CASES]
+    text = CLIPTokenizer(pad_token_in_prompt="text")
+    assert np.array_equal(_quiet(text, prompts), _quiet(tok, prompts))
+
+
+def test_longest_special_token_first():
+    # pad "!</w>" (id 256): the whole literal is one special token, not "!" + text.
+    assert CLIPTokenizer(pad_token_id=256).encode("a!</w>b") == [320, 256, 321]
+
+
+def test_setting_pad_token_id_resplits(tok_pad0):
+    tok = CLIPTokenizer()
+    assert tok.encode("hi!!") == [1883, 748]
+    tok.pad_token_id = 0
+    assert tok.encode("hi!!") == [1883, 0, 0] == tok_pad0.encode("hi!!")
+    with pytest.raises(ValueError, match=r"pad_token_id 49408 is not in the vocabulary \(ids 0\.\.49407\)"):
+        tok.pad_token_id = 49408
+
+
+@pytest.mark.parametrize("bad", ["open_clip", "SPECIAL", None, True])
+def test_bad_pad_token_in_prompt_raises(tmp_path, bad):
+    expected = rf"pad_token_in_prompt must be one of 'special', 'text', got {re.escape(repr(bad))}\."
+    with pytest.raises(ValueError, match=expected):
+        CLIPTokenizer(pad_token_id=0, pad_token_in_prompt=bad)
+    CLIPTokenizer().save_vocabulary(str(tmp_path))
+    with pytest.raises(ValueError, match=expected):
+        CLIPTokenizer.from_folder(str(tmp_path), pad_token_in_prompt=bad)
+
+
+def test_get_config_round_trip_text_convention():
+    tok = CLIPTokenizer(pad_token_id=0, pad_token_in_prompt="text")
+    config = tok.get_config()
+    assert config == {"context_length": 77, "pad_token_id": 0, "pad_token_in_prompt": "text"}
+    assert CLIPTokenizer(**json.loads(json.dumps(config))).encode("hi!!") == [1883, 748]
+
+
+def test_from_folder_keeps_the_convention(tmp_path):
+    CLIPTokenizer().save_vocabulary(str(tmp_path))
+    with open(tmp_path / "special_tokens_map.json", "w", encoding="utf-8") as f:
+        json.dump({"pad_token": "!"}, f)
+    assert CLIPTokenizer.from_folder(str(tmp_path)).encode("hi!!") == [1883, 0, 0]
+    text = CLIPTokenizer.from_folder(str(tmp_path), pad_token_in_prompt="text")
+    assert text.pad_token_id == 0 and text.encode("hi!!") == [1883, 748]
+
+
+@pytest.mark.parametrize("with_files", [False, True])
+def test_load_tokenizer_reads_pad_token_in_prompt(tmp_path, with_files):
+    from diffusion_tf.components import load_tokenizer
+
+    if with_files:
+        CLIPTokenizer().save_vocabulary(str(tmp_path / "tokenizer"))
+    for settings, ids in (({}, [1883, 0, 0]), ({"pad_token_in_prompt": "special"}, [1883, 0, 0]),
+                          ({"pad_token_in_prompt": "text"}, [1883, 748])):
+        tok = load_tokenizer(str(tmp_path), {"tokenizer": {"pad_token_id": 0, **settings}})
+        assert tok.encode("hi!!") == ids
+    with pytest.raises(ValueError, match=r"tokenizer\.pad_token_in_prompt must be one of 'special', 'text', got 'x'"):
+        load_tokenizer(str(tmp_path), {"tokenizer": {"pad_token_id": 0, "pad_token_in_prompt": "x"}})
+
+
 @pytest.mark.parametrize(
     "bad, shown",
     [(None, "None"), (123, "123"), (b"a cat", "b'a cat'"), (["ok", None], "None"), (["ok", 4.5], "4.5")],
@@ -232,3 +338,64 @@ def test_live_parity_with_transformers(tmp_path, tok):
             raw_checked += 1
             assert got == ref_ids(prompt), f"raw prompt {prompt!r}"
     assert raw_checked > 50
+
+
+def _bang_prompts(n, seed=4321):
+    """Random prompts with "!" runs put between, before, after and inside words and unicode."""
+    rng = random.Random(seed)
+    prompts = []
+    for prompt in _random_prompts(n, seed):
+        chars = list(prompt)
+        for _ in range(rng.randint(1, 8)):
+            chars.insert(rng.randint(0, len(chars)), rng.choice(["!", "!!", "!!!", " ! ", "!?", "?!", "!\u0301"]))
+        prompts.append("".join(chars))
+    return prompts
+
+
+@pytest.mark.live
+def test_live_parity_with_transformers_pad_bang(tmp_path, tok_pad0):
+    """Pad "!" (SD 2.x): ids equal transformers' CLIPTokenizer loaded as diffusers' SD 2.x folders load it."""
+    transformers = pytest.importorskip(
+        "transformers", reason="live parity needs `transformers` (optional); fixtures cover the default run"
+    )
+    pytest.importorskip("ftfy")
+    tok_pad0.save_vocabulary(str(tmp_path))
+    with open(tmp_path / "special_tokens_map.json", "w", encoding="utf-8") as f:
+        json.dump({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "!",
+                   "unk_token": "<|endoftext|>"}, f)
+    with open(tmp_path / "tokenizer_config.json", "w", encoding="utf-8") as f:
+        json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "pad_token": "<|endoftext|>"}, f)
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert ref.pad_token_id == 0
+    normalize = ref.backend_tokenizer.normalizer.normalize_str if ref.is_fast else None
+    text = CLIPTokenizer(pad_token_id=0, pad_token_in_prompt="text")
+    ref_eos = transformers.CLIPTokenizer.from_pretrained(str(tmp_path), pad_token="<|endoftext|>")
+
+    def ref_ids(reference, prompt):
+        out = reference(prompt, max_length=77, truncation=True)["input_ids"]
+        return list(out) + [0] * (77 - len(out))
+
+    prompts = [c["prompt"] for c in CASES] + _random_prompts(100) + _bang_prompts(200)
+    ours, ours_text = _quiet(tok_pad0, prompts).tolist(), _quiet(text, prompts).tolist()
+    raw_checked = differ = 0
+    for prompt, got, got_text in zip(prompts, ours, ours_text):
+        cleaned = _openai_clean(prompt)
+        assert got == ref_ids(ref, cleaned), f"prompt {prompt!r}"
+        assert got_text == ref_ids(ref_eos, cleaned), f"prompt {prompt!r} (pad_token_in_prompt='text')"
+        differ += got != got_text
+        exact_specials = SPECIAL.findall(prompt) == SPECIAL.findall(prompt.lower())
+        if exact_specials and (normalize is None or normalize(prompt).strip() == cleaned):
+            raw_checked += 1
+            assert got == ref_ids(ref, prompt), f"raw prompt {prompt!r}"
+    assert raw_checked > 100 and differ > 150
+
+
+@pytest.mark.live
+def test_live_longest_special_token_first(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="live parity needs `transformers` (optional)")
+    tok = CLIPTokenizer(pad_token_id=256)  # "!</w>"
+    tok.save_vocabulary(str(tmp_path))
+    ref = transformers.CLIPTokenizer.from_pretrained(str(tmp_path), pad_token="!</w>")
+    assert ref.pad_token_id == 256
+    for prompt in ["a!</w>b", "!</w>!</w>", "x !</w", "!!</w>!"]:
+        assert [BOS, *tok.encode(prompt), EOS] == ref(prompt)["input_ids"], prompt
