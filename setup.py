@@ -39,7 +39,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "text2image=text2image:main",
+            "text2image=diffusion_tf.cli:main",
             "weights-port=weights_port.__main__:main",
             "diffusion-tf-app=diffusion_tf.app:main",
         ]

@@ -93,12 +93,13 @@ class Generator:
 
     def pipeline(self, attention=None):
         """The loaded Text2Image; rebuilt only when another attention type is asked for."""
-        from diffusion_tf.text2image import Text2Image
+        from diffusion_tf.pipeline.request import model_label
+        from diffusion_tf.pipeline.text_to_image import Text2Image
 
         if self._pipe is None or (attention is not None and attention != self._pipe.attention):
             self._pipe = None  # free the old one first: one model in memory
             self._pipe = Text2Image(model=self.model, jit_compile=self.jit_compile, attention=attention)
-            self.model_name = os.path.basename(os.path.normpath(self._pipe.model_path))
+            self.model_name = model_label(self.model, self._pipe.model_path)
         return self._pipe
 
     def defaults(self):
@@ -107,6 +108,17 @@ class Generator:
             "steps": pipe.defaults["num_steps"], "guidance": pipe.defaults["guidance"],
             "scheduler": pipe.scheduler.name, "width": pipe.img_width, "height": pipe.img_height,
         }
+
+    def example_prompts(self, n=8):
+        """Prompts the model understands, for a model that only knows its own grammar (the
+        built-in shapes model: captions of its dataset); [] for others."""
+        from diffusion_tf import presets
+
+        if self.model_name != presets.BUILTIN_MODEL:
+            return []
+        from diffusion_tf.shapes import dataset
+
+        return list(dataset.sample_prompts(n, seed=0))
 
     def cancel(self, session):
         event = self._cancel.get(session)
@@ -122,6 +134,7 @@ class Generator:
             width=None, height=None, batch=1, attention=None, init_image=None, strength=0.8, mask=None,
             outpaint=None, progress=None, session=None):
         """Generate and save; returns [(path, caption)]. AppError for bad input, Cancelled when stopped."""
+        from diffusion_tf.pipeline.request import MAX_SEED, GenerationRequest, png_parameters
         from diffusion_tf.png_info import save_png
 
         if not isinstance(prompt, str) or not prompt.strip():
@@ -130,14 +143,27 @@ class Generator:
         if not 1 <= batch <= MAX_BATCH:
             raise AppError(f"batch={batch}; allowed: 1 to {MAX_BATCH}.")
         if seed is None:
-            seed = secrets.randbelow(2**31)
+            seed = secrets.randbelow(MAX_SEED + 1)
+        editing = init_image is not None
+        request = GenerationRequest(
+            prompt, negative_prompt=negative_prompt or None, num_steps=steps, guidance_scale=guidance,
+            seed=int(seed), batch_size=batch, height=None if editing or height is None else int(height),
+            width=None if editing or width is None else int(width), scheduler=scheduler, init_image=init_image,
+            strength=strength, mask=mask, outpaint=outpaint, model=self.model, attention=attention,
+        )
+        try:
+            request.validate()
+        except ValueError as e:
+            raise AppError(str(e)) from None
         event = threading.Event()
         self._cancel[session] = event
         try:
             with self._lock:
                 pipe = self.pipeline(attention)
-                if init_image is None:
-                    pipe.img_width, pipe.img_height = int(width or pipe.img_width), int(height or pipe.img_height)
+                request = request.replace(
+                    num_steps=steps or pipe.defaults["num_steps"],
+                    guidance_scale=guidance if guidance is not None else pipe.defaults["guidance"],
+                )
 
                 def callback(k, n, _t):
                     if event.is_set():
@@ -146,28 +172,16 @@ class Generator:
                         progress((k, n), desc="denoising")
 
                 try:
-                    images = pipe.generate(
-                        prompt, negative_prompt=negative_prompt or None, num_steps=steps,
-                        unconditional_guidance_scale=guidance, batch_size=batch, seed=int(seed),
-                        scheduler=scheduler, callback=callback, init_image=init_image, strength=strength,
-                        mask=mask, outpaint=outpaint,
-                    )
+                    images = pipe.run(request, callback=callback)
                 except Cancelled:
                     raise
                 except ValueError as e:
                     raise AppError(str(e)) from None
                 os.makedirs(self.output_dir, exist_ok=True)
+                sampler = scheduler or pipe.scheduler.name
                 out = []
                 for image, image_seed in zip(images, pipe.last_seeds):
-                    params = {
-                        "prompt": prompt, "negative_prompt": negative_prompt or None,
-                        "steps": steps or pipe.defaults["num_steps"], "sampler": (scheduler or pipe.scheduler.name),
-                        "guidance": guidance if guidance is not None else pipe.defaults["guidance"],
-                        "seed": int(image_seed), "width": int(image.shape[1]), "height": int(image.shape[0]),
-                        "model": self.model_name, "attention": pipe.attention,
-                        "denoising_strength": (1.0 if outpaint else strength) if init_image is not None else None,
-                        "mask": "yes" if mask is not None else None,
-                    }
+                    params = png_parameters(request, image_seed, image, sampler, pipe.attention, self.model_name)
                     path = self._unique_path(int(image_seed))
                     save_png(path, np.asarray(image), params)
                     out.append((path, f"seed {int(image_seed)}"))
@@ -227,6 +241,7 @@ def parameters_from_png(path):
 def build_demo(generator, max_upload_mb=DEFAULT_MAX_UPLOAD_MB):
     import gradio as gr
 
+    from diffusion_tf.pipeline.request import MAX_SEED
     from diffusion_tf.schedulers.names import NAMES
 
     d = generator.defaults()
@@ -244,7 +259,7 @@ def build_demo(generator, max_upload_mb=DEFAULT_MAX_UPLOAD_MB):
             guidance = gr.Slider(0, 20, value=d["guidance"], step=0.5, label="Guidance", elem_id=f"{tab}-guidance")
             scheduler = gr.Dropdown(schedulers, value=d["scheduler"], label="Scheduler", elem_id=f"{tab}-scheduler")
         with gr.Row():
-            seed = gr.Number(value=0, precision=0, label="Seed", elem_id=f"{tab}-seed", minimum=0, maximum=2**31 - 1)
+            seed = gr.Number(value=0, precision=0, label="Seed", elem_id=f"{tab}-seed", minimum=0, maximum=MAX_SEED)
             random_seed = gr.Checkbox(value=True, label="Random seed", elem_id=f"{tab}-random")
             batch = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch", elem_id=f"{tab}-batch")
             attention = gr.Dropdown(list(ATTENTIONS), value="model default", label="Attention", elem_id=f"{tab}-attention")
@@ -338,6 +353,9 @@ def build_demo(generator, max_upload_mb=DEFAULT_MAX_UPLOAD_MB):
             with gr.Tab("Text to image", id="txt2img"):
                 c = controls("txt2img")
                 generate_section("txt2img", c)
+                examples = generator.example_prompts()
+                if examples:  # a model that only understands its own grammar
+                    gr.Examples([[e] for e in examples], [c["prompt"]], label="Prompts this model understands")
                 with gr.Accordion("Reuse the parameters of an image", open=False):
                     png = gr.File(label="PNG with parameters", file_types=[".png"], elem_id="reuse-file")
                     reuse_button = gr.Button("Reuse parameters", elem_id="reuse")

@@ -12,7 +12,7 @@ import pytest
 
 from support import tiny_models
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # One device runs each kernel on the whole batch, two replicas on halves: oneDNN may then
 # sum in another order; the measured difference on the tiny model is at most 1/255.
 BOUND = 1

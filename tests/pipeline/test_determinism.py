@@ -17,7 +17,7 @@ from support import tiny_models
 # `-m integration`. Its module-scoped fixture is built once: every test goes to one worker.
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("determinism")]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Graph vs XLA: different kernels and fusion orders; measured max 1/255 on the tiny model.
 GRAPH_XLA_BOUND = 2
 

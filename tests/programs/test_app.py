@@ -23,7 +23,7 @@ pytest.importorskip("gradio", reason="the web UI tests need gradio (pip install 
 
 from support import tiny_models  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _free_port():
@@ -120,6 +120,27 @@ def test_same_seed_same_image(client):
         from PIL import Image
 
         assert np.array_equal(np.asarray(Image.open(fa)), np.asarray(Image.open(fb)))
+
+
+def test_a_png_written_by_the_app_regenerates_with_from_png(app, client, tmp_path, monkeypatch):
+    """The page and the command line share one request and one PNG writer: the largest seed is
+    accepted, the model is named as the user named it, and --from-png gives the same image."""
+    from PIL import Image
+
+    import text2image
+    from diffusion_tf.png_info import read_parameters
+
+    _, _, model, _ = app
+    gallery, _ = txt2img(client, seed=2**32 - 1, steps=2)
+    path = gallery[0]["image"]
+    params = read_parameters(path)
+    assert params["seed"] == 2**32 - 1 and params["model"] == model
+    monkeypatch.chdir(tmp_path)
+    assert text2image.main(["--from-png", str(path), "--output", "again.png"]) == 0
+    with Image.open(path) as a, Image.open(tmp_path / "again.png") as b:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    again = read_parameters(tmp_path / "again.png")
+    assert {k: again[k] for k in params} == params
 
 
 def test_reuse_parameters_from_a_png(client):

@@ -15,7 +15,7 @@ from PIL import Image
 
 from support import tiny_models
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -195,9 +195,9 @@ def real_run(tiny_model, tmp_path_factory):
     """The same command run twice in one folder: the results of both runs."""
     folder = tmp_path_factory.mktemp("cli-run")
     argv = ["--model", tiny_model, "--prompt", PROMPT, "--negative-prompt", NEGATIVE] + RUN_ARGS
-    import diffusion_tf.text2image
+    from diffusion_tf.pipeline import text_to_image
 
-    real = diffusion_tf.text2image.Text2Image
+    real = text_to_image.Text2Image
     made = []
 
     class Recording(real):  # the real class; remembers its instances and their arguments
@@ -207,7 +207,7 @@ def real_run(tiny_model, tmp_path_factory):
 
     cwd = os.getcwd()
     os.chdir(folder)
-    diffusion_tf.text2image.Text2Image = Recording
+    text_to_image.Text2Image = Recording
     try:
         runs = []
         for _ in range(2):
@@ -215,7 +215,7 @@ def real_run(tiny_model, tmp_path_factory):
             files = {name: (folder / "tmp" / name).read_bytes() for name in sorted(os.listdir(folder / "tmp"))}
             runs.append({"code": code, "out": out, "err": err, "files": files})
     finally:
-        diffusion_tf.text2image.Text2Image = real
+        text_to_image.Text2Image = real
         os.chdir(cwd)
     return {"folder": folder, "runs": runs, "made": made}
 
@@ -239,7 +239,7 @@ def test_real_run_parameters_chunk(real_run, tiny_model):
         assert read_parameters(folder / "tmp" / name) == {
             "prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": 3, "sampler": "ddim",
             "guidance": 7.5, "seed": seed, "width": 64, "height": 64,
-            "model": os.path.basename(tiny_model), "attention": "standard",
+            "model": tiny_model, "attention": "standard",  # the model as the user named it
         }
 
 
@@ -309,9 +309,9 @@ class FakeText2Image:
 
 @pytest.fixture
 def fake(monkeypatch, tmp_path):
-    import diffusion_tf.text2image
+    from diffusion_tf.pipeline import text_to_image
 
-    monkeypatch.setattr(diffusion_tf.text2image, "Text2Image", FakeText2Image)
+    monkeypatch.setattr(text_to_image, "Text2Image", FakeText2Image)
     monkeypatch.setattr(FakeText2Image, "fail_at_step", None)
     monkeypatch.setattr(FakeText2Image, "calls", [])
     monkeypatch.chdir(tmp_path)

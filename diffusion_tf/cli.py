@@ -1,0 +1,489 @@
+"""The `text2image.py` command line (Stable Diffusion 1.x/2.x on Keras 3 / TensorFlow).
+
+    python text2image.py --prompt "an astronaut riding a horse"
+
+Run with --help for every option. The arguments become one `GenerationRequest`, checked by
+its rules (`diffusion_tf.pipeline.request`) before TensorFlow is imported, so --help and
+argument errors are instant.
+"""
+
+import argparse
+import math
+import os
+import sys
+import time
+
+from diffusion_tf.pipeline import request as rules
+from diffusion_tf.pipeline.request import MAX_SEED, MAX_STEPS, GenerationRequest, RequestError
+
+DEFAULT_MODEL = "sd-v1-5"  # when its converted weights are cached; else BUILTIN_MODEL
+BUILTIN_MODEL = "shapes"
+DEFAULT_OUTPUT = "output.png"
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+EPILOG = """\
+examples:
+  # 512x512 with Stable Diffusion 1.5 (its weights are downloaded and converted once):
+  python text2image.py --prompt "an astronaut riding a horse"
+
+  # four images, reproducible, 30 steps, saved as out/horse_1.png .. out/horse_4.png:
+  python text2image.py --prompt "an astronaut riding a horse" --seed 1234 \\
+      --steps 30 --batch-size 4 --output out/horse.png
+
+  # a checkpoint you converted yourself:
+  python -m weights_port v1-5-pruned-emaonly.safetensors sd15 --config sd-v1-5
+  python text2image.py --model sd15 --prompt "a watercolor fox" \\
+      --negative-prompt "blurry, low quality" --height 512 --width 768
+
+Every PNG carries its generation parameters (prompt, negative prompt, steps,
+sampler, CFG scale, seed, size, model) in a text chunk named "parameters", in
+the format of the popular web UIs.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (no usage block), exit code 2."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Never breaks a help line inside a hyphenated word (scheduler names like "dpm++2m-karras")."""
+
+    def _split_lines(self, text, width):
+        import textwrap
+
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
+
+def _prog():
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name in ("text2image", "text2image.py") else "text2image.py"
+
+
+def scheduler_names():
+    """Every name diffusion_tf.schedulers.get accepts, from its Keras-free names module
+    (importing the schedulers themselves would import TensorFlow, which --help must not wait for)."""
+    from diffusion_tf.schedulers.names import NAMES
+
+    return list(NAMES)
+
+
+def _preset_names():
+    try:
+        from diffusion_tf.presets import list_presets
+
+        return list_presets()
+    except Exception:  # --help must work even with a damaged preset folder
+        return []
+
+
+def build_parser():
+    schedulers = scheduler_names()
+    presets = _preset_names()
+    p = _Parser(
+        prog=_prog(),
+        description="Generate images from a text prompt with Stable Diffusion 1.x/2.x\n"
+        "(diffusion_tf: Keras 3 on TensorFlow) and save them as PNG files.",
+        epilog=EPILOG,
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("--prompt", default=None, help="the text describing the image (required unless --from-png).")
+    p.add_argument(
+        "--negative-prompt", metavar="TEXT", default=None,
+        help="what the image should not show; replaces the empty prompt of classifier-free "
+        "guidance (used when --guidance is above 1). Default: none.",
+    )
+    p.add_argument(
+        "--steps", metavar="N", default=None,
+        help=f"number of denoising steps, 1 to {MAX_STEPS}; more is slower and usually finer. "
+        "Default: the model's (50 for Stable Diffusion).",
+    )
+    p.add_argument(
+        "--guidance", metavar="SCALE", default=None,
+        help="classifier-free guidance scale (CFG), >= 0: how strongly the image follows the "
+        "prompt; 1 or less turns guidance off (one UNet pass per step). Default: the model's (7.5 for "
+        "Stable Diffusion).",
+    )
+    p.add_argument(
+        "--seed", metavar="N", default=None,
+        help=f"random seed, 0 to {MAX_SEED}; the same seed and options give the same image. "
+        "Image i of a batch uses seed + i. Default: a random seed, which is printed and saved in the PNG.",
+    )
+    p.add_argument(
+        "--batch-size", metavar="N", default="1",
+        help="number of images generated together (one per seed). Default: 1.",
+    )
+    p.add_argument(
+        "--height", metavar="PX", default=None,
+        help="image height in pixels, a positive multiple of 8. Default: the model's native size "
+        "(512 for SD 1.x and SD 2.1-base, 768 for SD 2.1); only --width given: the same as --width.",
+    )
+    p.add_argument(
+        "--width", metavar="PX", default=None,
+        help="image width in pixels, a positive multiple of 8. Default: the model's native size; "
+        "only --height given: the same as --height.",
+    )
+    p.add_argument(
+        "--model", metavar="FOLDER|PRESET", default=None,
+        help="a model folder (converted with `python -m weights_port`, or trained with "
+        "`python -m diffusion_tf.train`), a preset name"
+        + (f" ({', '.join(presets)})" if presets else "")
+        + f", or {BUILTIN_MODEL} (the built-in 64x64 shapes model); a preset's weights are downloaded and "
+        f"converted the first time. Default: {DEFAULT_MODEL} if it is already downloaded, else {BUILTIN_MODEL}.",
+    )
+    p.add_argument(
+        "--attention", choices=("standard", "linear"), default=None,
+        help="UNet self-attention: standard (softmax) or linear (LinearAttention: an approximation "
+        "for softmax-trained weights, less memory at large sizes). Default: the model's own "
+        "(standard for Stable Diffusion, linear for the shapes model).",
+    )
+    p.add_argument(
+        "--scheduler", metavar="NAME", default=None,
+        help=f"sampling algorithm, one of: {', '.join(schedulers)}. Default: the model's (ddim).",
+    )
+    p.add_argument(
+        "--jit-compile", action=argparse.BooleanOptionalAction, default=False,
+        help="compile the denoising with XLA: slower first step, often faster after "
+        "(--no-jit-compile: a plain TensorFlow graph). Default: off.",
+    )
+    p.add_argument(
+        "--output", metavar="PATH.png", default=DEFAULT_OUTPUT,
+        help=f"where to save the PNG; with --batch-size above 1 the images are numbered: "
+        f"out.png -> out_1.png, out_2.png, ... Its folder is created if missing. Default: {DEFAULT_OUTPUT}.",
+    )
+    p.add_argument(
+        "--from-png", metavar="IMAGE.png", default=None,
+        help="regenerate from the parameters stored in a PNG written by this program (prompt, negative "
+        "prompt, seed, steps, guidance, scheduler, size, model, attention); options given on the command "
+        "line override them. What is used is printed.",
+    )
+    p.add_argument(
+        "--grid", action="store_true",
+        help="also save a contact sheet of all the images as <output stem>_grid.png.",
+    )
+    p.add_argument(
+        "--temperature", metavar="T", default="1.0",
+        help="scale of the fresh noise of stochastic samplers (ddpm, euler_a), >= 0; "
+        "deterministic ones ignore it. Default: 1.0.",
+    )
+    edit = p.add_argument_group(
+        "editing", "image-to-image (--init-image), inpainting (+ --mask) and outpainting (+ --outpaint); "
+        "the output has the input image's size (cropped to a multiple of 8); --height/--width are ignored.",
+    )
+    edit.add_argument(
+        "--init-image", metavar="PATH", default=None,
+        help="start from this image (PNG, JPEG, ...) instead of pure noise. Default: none (text-to-image).",
+    )
+    edit.add_argument(
+        "--strength", metavar="S", default="0.8",
+        help="with --init-image: how much of the schedule runs, 0 to 1 (0 = the image back, 1 = all "
+        "steps from noise). Default: 0.8.",
+    )
+    edit.add_argument(
+        "--mask", metavar="PATH", default=None,
+        help="with --init-image: inpainting mask, white = repaint (binarised at 50%% grey, resized to the "
+        "image if needed); outside the mask the output keeps the input's pixels.",
+    )
+    edit.add_argument(
+        "--outpaint", metavar="SIDE=PX,...", default=None,
+        help="with --init-image: extend the canvas, e.g. left=128,right=0,top=64,bottom=0 (pixels, "
+        "multiples of 8) and paint the new area (strength 1); the old area is kept.",
+    )
+    p.scheduler_names = schedulers
+    return p
+
+
+# ---------------------------------------------------------------- validation
+# request field -> its option; the values are checked by the request's rules.
+FLAGS = {
+    "num_steps": "--steps", "batch_size": "--batch-size", "guidance_scale": "--guidance",
+    "temperature": "--temperature", "height": "--height", "width": "--width", "seed": "--seed",
+    "strength": "--strength",
+}
+DESTS = {"num_steps": "steps", "guidance_scale": "guidance", "batch_size": "batch_size", "scheduler": "scheduler",
+         "strength": "strength", "outpaint": "outpaint"}
+
+
+def _dest(field):
+    return DESTS.get(field, field)
+
+
+def _option(field):
+    return FLAGS.get(field) or "--" + _dest(field).replace("_", "-")
+
+
+def _parse(parser, field, text):
+    """A field's value from its option's text (exit 2 naming the option when it breaks the rule)."""
+    if text is None or not isinstance(text, str):
+        return text
+    try:
+        return rules.parse(field, text)
+    except RequestError as e:
+        parser.error(f"{FLAGS[field]} {text}: must be {e.allowed}")
+
+
+def apply_png_parameters(parser, args, argv):
+    """Fill the options not given on the command line from the PNG's parameters (exit 2 when
+    the file is unreadable or holds none); returns {option: value} of what was taken."""
+    from diffusion_tf.png_info import read_parameters
+
+    path = args.from_png
+    try:
+        params = read_parameters(path)
+    except FileNotFoundError:
+        parser.error(f"--from-png {path}: no such file")
+    except (OSError, ValueError, SyntaxError) as e:
+        parser.error(f"--from-png {path}: not a readable PNG ({_one_line(e)})")
+    if not params:
+        parser.error(f"--from-png {path}: the image holds no generation parameters (no 'parameters' text chunk)")
+    try:
+        fields = rules.fields_from_png(params)
+    except ValueError as e:
+        parser.error(f"--from-png {path}: {_one_line(e)}")
+    if "strength" in fields and args.init_image is None:
+        parser.error(f"--from-png {path}: the image was made from an input image (strength "
+                     f"{params['denoising_strength']}); pass that image with --init-image")
+    if params.get("mask") == "yes" and args.mask is None:
+        parser.error(f"--from-png {path}: the image was inpainted; pass its mask with --mask")
+    given = {a.split("=", 1)[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
+    used = {}
+    for field, value in fields.items():
+        option = _option(field)
+        if option in given:
+            continue
+        setattr(args, _dest(field), value)
+        used[option] = rules.format_outpaint(value) if field == "outpaint" else value
+    return used
+
+
+def _outpaint(parser, text):
+    if text is None or isinstance(text, dict):
+        return text
+    try:
+        return rules.parse_outpaint(text)
+    except ValueError as e:
+        message = _one_line(e)
+        prefix = f"outpaint {text!r}: "
+        parser.error(f"--outpaint {text}: {message[len(prefix):] if message.startswith(prefix) else message}")
+
+
+def validate(parser, args, argv=None):
+    """Check the arguments (exit 2 on the first bad one) and set `args.request`, the
+    `GenerationRequest` they describe."""
+    args.from_png_used = apply_png_parameters(parser, args, argv) if args.from_png else None
+    if args.prompt is None:
+        parser.error("--prompt is required (or --from-png IMAGE.png)")
+    values = {field: _parse(parser, field, getattr(args, _dest(field))) for field in FLAGS}
+    if not args.output.lower().endswith(".png") or os.path.basename(args.output)[:-4] in ("", "."):
+        parser.error(f"--output {args.output}: must be a file name ending in .png")
+    if args.model is not None and not args.model:
+        parser.error("--model: must be a model folder or a preset name")
+    if args.scheduler is not None and args.scheduler not in parser.scheduler_names:
+        parser.error(f"--scheduler {args.scheduler}: unknown scheduler; choose from {', '.join(parser.scheduler_names)}")
+    if args.attention is not None and args.attention not in rules.ATTENTIONS:
+        parser.error(f"--attention {args.attention}: allowed: {', '.join(rules.ATTENTIONS)}")
+    for option, path in (("--init-image", args.init_image), ("--mask", args.mask)):
+        if path is not None and not os.path.isfile(path):
+            parser.error(f"{option} {path}: no such file")
+    outpaint = _outpaint(parser, args.outpaint)
+    request = GenerationRequest(
+        args.prompt, negative_prompt=args.negative_prompt, scheduler=args.scheduler, init_image=args.init_image,
+        mask=args.mask, outpaint=outpaint, model=args.model, attention=args.attention, **values,
+    )
+    try:
+        request.validate(names={})
+    except ValueError as e:  # the combinations: a mask or outpaint without an image, both, ...
+        message = _one_line(e).replace("init_image=", "--init-image").replace("mask=", "--mask")
+        parser.error(message.replace("outpaint=", "--outpaint"))
+    args.request = request
+    return args
+
+
+def output_paths(output, count):
+    """`output` for one image; `stem_1.png`, `stem_2.png`, ... for several."""
+    if count == 1:
+        return [output]
+    stem, ext = os.path.splitext(output)
+    return [f"{stem}_{i}{ext}" for i in range(1, count + 1)]
+
+
+def grid_output_path(output):
+    stem, ext = os.path.splitext(output)
+    return f"{stem}_grid{ext}"
+
+
+def contact_sheet(images, gap=2):
+    """The images (uint8 [N, H, W, 3], one size) tiled in a near-square grid, white gaps."""
+    import numpy as np
+
+    images = np.asarray(images)
+    n, h, w, _ = images.shape
+    cols = int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    sheet = np.full((rows * h + (rows + 1) * gap, cols * w + (cols + 1) * gap, 3), 255, np.uint8)
+    for k, image in enumerate(images):
+        r, c = divmod(k, cols)
+        y, x = gap + r * (h + gap), gap + c * (w + gap)
+        sheet[y:y + h, x:x + w] = image
+    return sheet
+
+
+# ---------------------------------------------------------------- progress
+class ProgressBar:
+    """`step 7/20 [=======>    ] 2.1 s/it` on a stream; redrawn in place on a terminal."""
+
+    def __init__(self, stream=None, width=30):
+        self.stream = stream if stream is not None else sys.stderr
+        self.width = width
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.start = time.perf_counter()
+        self.first_done = None
+        self.drawn = False
+
+    def __call__(self, i, n, t=None):
+        now = time.perf_counter()
+        done = i + 1
+        if self.first_done is None:
+            self.first_done = now
+            rate = now - self.start  # the first step includes tracing/compiling
+        else:
+            rate = (now - self.first_done) / (done - 1)
+        filled = int(self.width * done / n)
+        arrow = ">" if filled < self.width else ""
+        bar = "=" * max(filled - len(arrow), 0) + arrow
+        speed = f"{rate:.1f} s/it" if rate >= 1 else f"{rate:.2f} s/it"
+        line = f"step {done}/{n} [{bar:<{self.width}}] {speed}"
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if done == n else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+        self.drawn = done < n
+
+    def close(self):
+        if self.tty and self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.drawn = False
+
+
+def _one_line(message):
+    """An error message on one line (some, e.g. PresetUnavailableError's, span several)."""
+    return " ".join(str(message).split())
+
+
+# ---------------------------------------------------------------- main
+def main(argv=None):
+    """Run the command line; returns the exit code (0 ok, 1 write error, 2 bad input, 130 interrupted)."""
+    parser = build_parser()
+    args = validate(parser, parser.parse_args(argv), argv)
+    prog = parser.prog
+    err = sys.stderr
+    paths = output_paths(args.output, args.request.batch_size)
+    bar = None
+    written = []
+    try:
+        folder = os.path.dirname(os.path.abspath(args.output))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            parser.error(f"--output {args.output}: cannot create the folder {folder} ({e.strerror or e})")
+
+        request = args.request
+        if request.seed is None:
+            import secrets
+
+            request.seed = secrets.randbelow(MAX_SEED + 1)
+
+        import diffusion_tf  # noqa: F401  (sets the Keras backend and quiets TensorFlow's logging first)
+        from diffusion_tf.pipeline import text_to_image
+        from diffusion_tf.png_info import save_png
+
+        if args.from_png_used is not None:
+            err.write(f"parameters from {args.from_png}: "
+                      + ", ".join(f"{k} {v!r}" for k, v in args.from_png_used.items()) + "\n")
+        err.write(f"loading model {args.model or '(default)'} ...\n")
+        err.flush()
+        try:
+            t2i = text_to_image.Text2Image(
+                model=request.model,
+                img_height=request.height,
+                img_width=request.width,
+                jit_compile=args.jit_compile,
+                attention=request.attention,
+                scheduler=request.scheduler,
+            )
+        except OSError as e:  # an unreadable file of the model folder (ValueErrors: below)
+            err.write(f"{prog}: error: cannot load model {args.model}: {_one_line(e)}\n")
+            return EXIT_USAGE
+        name = rules.model_label(request.model, t2i.model_path)
+        request = request.replace(
+            num_steps=request.num_steps if request.num_steps is not None else t2i.defaults["num_steps"],
+            guidance_scale=request.guidance_scale if request.guidance_scale is not None else t2i.defaults["guidance"],
+        )
+        source = t2i.config.get("source") if isinstance(t2i.config, dict) else None
+        err.write(
+            f"model {name} ({t2i.model_path}"
+            + (f", converted from {source}" if isinstance(source, str) and source else "")
+            + ("), size of the input image" if request.init_image else f"), {t2i.img_width}x{t2i.img_height}")
+            + f", {request.num_steps} steps, {t2i.scheduler.name}, "
+            f"CFG {request.guidance_scale:g}, seed {request.seed}"
+            + (f"..{(request.seed + request.batch_size - 1) % (MAX_SEED + 1)}" if request.batch_size > 1 else "")
+            + (", XLA" if args.jit_compile else "")
+            + "\n"
+        )
+        err.flush()
+
+        bar = ProgressBar(err)
+        images = t2i.generate(
+            request.prompt,
+            negative_prompt=request.negative_prompt,
+            num_steps=request.num_steps,
+            unconditional_guidance_scale=request.guidance_scale,
+            temperature=request.temperature,
+            batch_size=request.batch_size,
+            seed=request.seed,
+            callback=bar,
+            init_image=request.init_image,
+            strength=request.strength,
+            mask=request.mask,
+            outpaint=request.outpaint,
+        )
+        bar.close()
+        for path, image, seed in zip(paths, images, list(t2i.last_seeds)):
+            params = rules.png_parameters(request, seed, image, t2i.scheduler.name, t2i.attention, name)
+            try:
+                save_png(path, image, params)
+                written.append(path)
+            except OSError as e:
+                err.write(f"{prog}: error: cannot write {path}: {e.strerror or e}\n")
+                return 1
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        saved = f"; saved (complete): {', '.join(written)}" if written else "; no image was saved"
+        err.write(f"{prog}: interrupted{saved}.\n")
+        return EXIT_INTERRUPTED
+    except ValueError as e:  # bad model/size/weights, preset unavailable, ...
+        if bar is not None:
+            bar.close()
+        err.write(f"{prog}: error: {_one_line(e)}\n")
+        return EXIT_USAGE
+    if args.grid:
+        grid_path = grid_output_path(args.output)
+        try:
+            save_png(grid_path, contact_sheet(images), None)
+        except OSError as e:
+            err.write(f"{prog}: error: cannot write {grid_path}: {e.strerror or e}\n")
+            return 1
+        paths = paths + [grid_path]
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

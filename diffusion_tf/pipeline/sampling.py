@@ -1,0 +1,118 @@
+"""The one sampling loop: classifier-free guidance and denoising over a schedule.
+
+Text-to-image, image-to-image, inpainting, training's refinement stage and its pictures
+all run these functions, eagerly, in a graph or inside one XLA-compiled function:
+
+    scheduler.set_timesteps(n)
+    plan = Plan(scheduler, tables, guidance=7.5, seed=seed)
+    latents = denoise(unet, plan, latents, context)           # ops.fori_loop over the steps
+
+`unet(x, t, context)` is the raw denoising network. `context` holds the unconditional rows
+first, then the conditional ones, when `plan.use_guidance` (one batched UNet call per step
+for both passes). The scheduler is used through its index-based functional core
+(`init_state`, `scale_model_input_at`, `model_timestep`, `step_fn`), so the loop index may
+be a tensor. Editing conditions (`plan.cond`):
+  {"extra": [B, h, w, 5]}   mask + masked-image latents, appended to a 9-channel UNet's input;
+  {"mask", "image_latents", "noise"}   the known region of a 4-channel UNet, blended back
+                                       after every step, noised to the next timestep.
+"""
+
+import dataclasses
+from typing import Any
+
+import tensorflow as tf
+from keras import ops
+
+from diffusion_tf.editing import add_noise_at
+
+
+@dataclasses.dataclass
+class Plan:
+    """What stays fixed over one generation's loop. `tables`: the scheduler's per-index
+    tables as tensors (default: its NumPy tables; pass tensors into a compiled function so
+    that another step count reuses it). `guidance`: the classifier-free guidance scale;
+    `use_guidance`: whether the unconditional pass runs (a Python bool: it changes the
+    graph). `seed`, `temperature`: the fresh noise of stochastic samplers."""
+
+    scheduler: Any
+    tables: Any = None
+    guidance: Any = 1.0
+    use_guidance: bool = False
+    seed: Any = 0
+    temperature: Any = 1.0
+    cond: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.tables is None:
+            self.tables = dict(self.scheduler.tables)
+
+    @property
+    def num_indices(self):
+        """len(timesteps): the loop's end index (a tensor inside a compiled function)."""
+        return ops.shape(self.tables["model_timesteps"])[0]
+
+
+def guide(uncond, cond, guidance):
+    """Classifier-free guidance (Ho & Salimans 2022): uncond + s * (cond - uncond)."""
+    return uncond + guidance * (cond - uncond)
+
+
+def model_output(unet, plan, latents, i, context):
+    """The guided UNet output at step index `i`, float32: the conditional and unconditional
+    passes run as one batch."""
+    scheduler, tables, extra = plan.scheduler, plan.tables, plan.cond.get("extra")
+    t = scheduler.model_timestep(i, tables)  # float32; fractional with Karras sigmas
+    x = ops.concatenate([latents, latents], axis=0) if plan.use_guidance else latents
+    x = scheduler.scale_model_input_at(x, i, tables)
+    if extra is not None:
+        extra = ops.concatenate([extra, extra], axis=0) if plan.use_guidance else extra
+        x = ops.concatenate([x, extra], axis=-1)
+    out = ops.cast(unet(x, t, context), "float32")
+    if not plan.use_guidance:
+        return out
+    uncond, cond = ops.split(out, 2, axis=0)
+    return guide(uncond, cond, plan.guidance)
+
+
+def step_noise(plan, latents, i):
+    """Fresh standard-normal noise x temperature for a stochastic sampler's step `i` (None for
+    deterministic ones): one stream per (seed, step), so a run is repeatable."""
+    if not plan.scheduler.stochastic:
+        return None
+    seed = tf.stack([tf.cast(plan.seed, "int64"), tf.cast(i, "int64") + 1])
+    return tf.random.stateless_normal(tf.shape(latents), seed=seed) * plan.temperature
+
+
+def _keep_known(plan, latents, i):
+    """Inpainting with a 4-channel UNet: outside the mask, the image latents noised to the
+    next index (un-noised after the last step), as diffusers."""
+    cond = plan.cond
+    steps = plan.num_indices
+    nxt = ops.minimum(i + 1, steps - 1)
+    noised = add_noise_at(plan.scheduler, cond["image_latents"], cond["noise"], nxt, plan.tables)
+    known = ops.where(i + 1 < steps, noised, cond["image_latents"])
+    return (1.0 - cond["mask"]) * known + cond["mask"] * latents
+
+
+def denoise_step(unet, plan, latents, state, i, context):
+    """One step at index `i`: x_i -> (x_{i+1}, the scheduler's new state, the guided output)."""
+    out = model_output(unet, plan, latents, i, context)
+    noise = step_noise(plan, latents, i)
+    latents, state = plan.scheduler.step_fn(out, i, latents, state, noise=noise, tables=plan.tables)
+    if "mask" in plan.cond:
+        latents = _keep_known(plan, latents, i)
+    return latents, state, out
+
+
+def denoise(unet, plan, latents, context, start=0):
+    """Every step from index `start` (0, or part-way for image-to-image) to the end, as one
+    `ops.fori_loop` carrying (latents, scheduler state); returns the final latents."""
+
+    def body(i, carry):
+        x, state = carry
+        x, state, _ = denoise_step(unet, plan, x, state, i, context)
+        return x, state
+
+    state = plan.scheduler.init_state(latents)
+    latents, _ = ops.fori_loop(start, plan.num_indices, body, (latents, state))
+    return latents

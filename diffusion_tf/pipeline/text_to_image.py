@@ -1,0 +1,554 @@
+"""Text2Image: prompt -> image with Stable Diffusion, the whole loop in one compiled function.
+
+`generate` reads as diffusers' pipeline does, in numbered sections over small helpers:
+1. check inputs (one `GenerationRequest`, `diffusion_tf.pipeline.request`), 2. encode the
+prompt, 3. prepare the latents (text-to-image, image-to-image, inpainting, outpainting),
+4. denoise (`diffusion_tf.pipeline.sampling`, the one loop), 5. decode. Steps 2-5 run as one
+compiled function (or step by step on the host when a callback wants every step).
+"""
+
+import os
+import sys
+import warnings
+
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from diffusion_tf import compiler_memory, schedulers
+from diffusion_tf.components import load_folder
+from diffusion_tf.pipeline import editing, sampling
+from diffusion_tf.pipeline.request import (  # noqa: F401  (MAX_*: public constants of this module)
+    MAX_PIXELS, MAX_SEED, MAX_STEPS, GenerationRequest, check_attention, check_scheduler, check_size,
+    negative_list, prompt_list,
+)
+
+OUTPUT_TYPES = ("np", "latent")
+
+
+def resolve_model(model, download=True, log=None):
+    """A model folder path from a folder, a preset name, "shapes" (the built-in model) or
+    None (the default: `presets.default_model()`, whose one-line note goes to `log`)."""
+    from diffusion_tf import presets
+
+    if model is None:
+        model, note = presets.default_model()
+        if log is not None:
+            log(note)
+        if model == presets.DEFAULT_PRESET:
+            return presets.ensure_preset(model, download=download)
+        return model
+    if not isinstance(model, (str, os.PathLike)):
+        raise ValueError(f"model={model!r}; must be a model folder, a preset name or None (the default).")
+    model = os.fspath(model)
+    if os.path.isdir(model):
+        return model
+    if model == presets.BUILTIN_MODEL:
+        if not presets.builtin_available():
+            raise ValueError(
+                f"model={model!r}: the built-in shapes model's weights are not installed in "
+                f"{presets.builtin_folder()!r}; train one with `python -m diffusion_tf.train` and pass its folder."
+            )
+        return presets.builtin_folder()
+    if model in presets.list_presets():
+        return presets.ensure_preset(model, download=download)
+    raise ValueError(
+        f"model={model!r} is neither a model folder nor a preset; presets: "
+        f"{', '.join([presets.BUILTIN_MODEL] + presets.list_presets())} (or convert a checkpoint with "
+        "`python -m weights_port SRC DST` and pass model=DST)."
+    )
+
+
+def _stderr_line(line):
+    print(line, file=sys.stderr, flush=True)
+
+
+# Generation defaults, unless a model folder's config.json has a "defaults" section.
+DEFAULTS = {"num_steps": 50, "guidance": 7.5, "scheduler": "ddim"}
+
+
+def _folder_defaults(config, folder):
+    """The validated "defaults" section of a model folder's config ({} when absent)."""
+    d = config.get("defaults", {})
+    where = f"{os.path.join(folder, 'config.json')!r}: defaults"
+    if not isinstance(d, dict) or set(d) - set(DEFAULTS):
+        raise ValueError(f"{where}={d!r}; must be an object with keys among {sorted(DEFAULTS)}.")
+    if "num_steps" in d and (isinstance(d["num_steps"], bool) or not isinstance(d["num_steps"], int)
+                             or d["num_steps"] < 1):
+        raise ValueError(f"{where}.num_steps={d['num_steps']!r}; must be an integer >= 1.")
+    if "guidance" in d and (isinstance(d["guidance"], bool) or not isinstance(d["guidance"], (int, float))
+                            or d["guidance"] < 0):
+        raise ValueError(f"{where}.guidance={d['guidance']!r}; must be a number >= 0.")
+    if "scheduler" in d:
+        check_scheduler(d["scheduler"])
+    return d
+
+
+class Text2Image:
+    """Stable Diffusion text-to-image.
+
+    Args:
+        model: a folder written by `weights_port` or `diffusion_tf.train`, a preset name
+            ("sd-v1-5", "sd-v2-1-base", "sd-v2-1"; downloaded and converted once if
+            missing), "shapes" (the built-in model), or None (the default): Stable
+            Diffusion v1.5 if it is already cached, else "shapes"; a line on stderr says
+            which.
+        img_height, img_width: output size in pixels, multiples of 8; default:
+            the model's native size (512 for SD 1.x, 768 for SD 2.1).
+        jit_compile: compile the generation with XLA (else a TensorFlow graph).
+        attention: "standard" (softmax) or "linear" (LinearAttention in the UNet's
+            self-attention; an approximation with softmax-trained weights); None (the
+            default): the model's own (linear for "shapes", standard for Stable Diffusion).
+        scheduler: a name from `diffusion_tf.schedulers.NAMES` ("ddim", "dpm++2m-karras",
+            "euler_a", ...), built with the model folder's scheduler config; None: the
+            model folder's default ("ddim" unless its config.json says otherwise).
+        dtype: Keras dtype policy of the networks (default float32).
+        distribute: generate a batch data-parallel across devices: True for a
+            `tf.distribute.MirroredStrategy` over every visible GPU (or every logical CPU
+            when there are several and no GPU), or a `tf.distribute.Strategy` (e.g.
+            `TPUStrategy`). The networks are built in its scope (mirrored weights) and each
+            replica denoises a contiguous share of the batch; with a deterministic sampler
+            the images are those of one device. None/False: one device.
+    """
+
+    def __init__(
+        self,
+        model=None,
+        img_height=None,
+        img_width=None,
+        jit_compile=False,
+        attention=None,
+        scheduler=None,
+        dtype=None,
+        download=True,
+        distribute=None,
+    ):
+        # === Config ===
+        check_attention(attention)
+        if scheduler is not None:
+            check_scheduler(scheduler)
+        check_size(img_height, img_width)
+        self.model_path = resolve_model(model, download, log=_stderr_line)
+        self.strategy = _strategy(distribute)
+        with self.strategy.scope():
+            parts = load_folder(self.model_path, attention=attention, dtype=dtype)
+        self.config = parts["config"]
+        # Generation defaults of the model folder ("defaults" in its config.json).
+        self.defaults = dict(DEFAULTS)
+        self.defaults.update(_folder_defaults(self.config, self.model_path))
+        if scheduler is None:
+            scheduler = self.defaults["scheduler"]
+        # === Components ===
+        self.tokenizer = parts["tokenizer"]
+        self.text_encoder = parts["text_encoder"]
+        self.unet = parts["unet"]
+        self.vae = parts["vae"]
+        self._schedulers = {}
+        self.scheduler = self.get_scheduler(scheduler)
+        native = self.unet.sample_size * self.vae.downsampling_factor
+        self.img_height = img_height if img_height is not None else (img_width or native)
+        self.img_width = img_width if img_width is not None else (img_height or native)
+        check_size(self.img_height, self.img_width)
+        self.jit_compile = bool(jit_compile)
+        self.attention = self.unet.attention
+        self.last_seeds = None
+        self._functions = {}
+
+    # ------------------------------------------------------------ components
+    @property
+    def latent_shape(self):
+        f = self.vae.downsampling_factor
+        return (self.img_height // f, self.img_width // f, self.vae.latent_channels)
+
+    def tokenize(self, prompts):
+        return self.tokenizer(prompt_list(prompts))
+
+    def encode_text(self, prompts):
+        """Prompts -> the cross-attention context [B, 77, D]."""
+        return self.text_encoder(ops.convert_to_tensor(self.tokenize(prompts)))
+
+    def predict_noise(self, latents, timesteps, context):
+        """The raw UNet output [B, h, w, 4] (noise, or v for v-prediction models)."""
+        return self.unet(latents, timesteps, context)
+
+    def decode(self, latents):
+        """Sampler-space latents -> images in about [-1, 1], float [B, H, W, 3]."""
+        return self.vae.decode(ops.cast(latents, "float32") / self.vae.scaling_factor)
+
+    def encode(self, images):
+        """Images [B, H, W, 3] (uint8 0..255 or float in [-1, 1]) -> latents (mean x scaling factor)."""
+        images = np.asarray(images)
+        if images.dtype == np.uint8:
+            images = images.astype("float32") / 127.5 - 1.0
+        return self.vae.encode(images) * self.vae.scaling_factor
+
+    # ------------------------------------------------------------ sampling
+    def get_scheduler(self, name):
+        """The scheduler `name` with this model's scheduler config (one instance per name)."""
+        check_scheduler(name)
+        if name not in self._schedulers:
+            self._schedulers[name] = schedulers.get(name, **self.config["scheduler"])
+        return self._schedulers[name]
+
+    def initial_latents(self, seeds, scheduler=None, shape=None):
+        """Standard-normal latents, one independent stream per seed (a batch equals single runs),
+        times the scheduler's `init_noise_sigma` (call its `set_timesteps` first).
+        `shape`: latent [h, w, c] (default: `latent_shape`)."""
+        scheduler = self.scheduler if scheduler is None else scheduler
+        return self.noise(seeds, shape) * scheduler.init_noise_sigma
+
+    def noise(self, seeds, shape=None):
+        """The standard-normal start noise [B, h, w, c], one stream per seed."""
+        shape = tuple(self.latent_shape if shape is None else shape)
+        return tf.stack([tf.random.stateless_normal(shape, seed=[int(s), 0]) for s in seeds])
+
+    def _context(self, cond_ids, uncond_ids, use_guidance):
+        """The cross-attention context: unconditional rows first, then conditional ones."""
+        ids = ops.concatenate([uncond_ids, cond_ids], axis=0) if use_guidance else cond_ids
+        return self.text_encoder(ids)
+
+    @property
+    def tracing_count(self):
+        """How many times this pipeline's compiled functions were traced so far (each trace of an
+        XLA function is a compilation): a repeated call with the same shapes adds none."""
+        return sum(int(f.experimental_get_tracing_count()) for f in self._functions.values()
+                   if hasattr(f, "experimental_get_tracing_count"))
+
+    def _compiled(self, key, fn):
+        if key not in self._functions:
+            self._functions[key] = tf.function(fn, jit_compile=self.jit_compile, reduce_retracing=True)
+        return self._functions[key]
+
+    def _generate_fn(self, use_guidance, scheduler, mode, size, decode=True):
+        """encode text -> the denoising loop -> decode, as one compiled function.
+
+        The scheduler's per-step tables, the start index and the editing inputs `cond` come in
+        as arguments, so another step count or strength reuses the function. `mode`: the keys
+        of `cond` (one function per kind of editing). `size`: the latents' (h, w): one function
+        per size, so that a function traced for one size is never relaxed to unknown spatial
+        dimensions by a call with another. Keyed by the scheduler object itself (kept alive
+        by the key, so never confused)."""
+
+        def generate(cond_ids, uncond_ids, latents, tables, guidance, temperature, seed, start, cond):
+            context = self._context(cond_ids, uncond_ids, use_guidance)
+            plan = sampling.Plan(scheduler, tables, guidance, use_guidance, seed, temperature, cond)
+            latents = sampling.denoise(self.unet, plan, latents, context, start)
+            return (self.decode(latents) if decode else latents), latents
+
+        return self._compiled(("generate", use_guidance, scheduler, mode, size, decode), generate)
+
+    def _step_fn(self, use_guidance, scheduler, mode, size):
+        """One denoising step as a compiled function (the callback path)."""
+
+        def step(latents, state, i, context, tables, guidance, temperature, seed, cond):
+            plan = sampling.Plan(scheduler, tables, guidance, use_guidance, seed, temperature, cond)
+            latents, state, _ = sampling.denoise_step(self.unet, plan, latents, state, i, context)
+            return latents, state
+
+        return self._compiled(("step", use_guidance, scheduler, mode, size), step)
+
+    # ------------------------------------------------------------ API
+    def generate(
+        self,
+        prompt,
+        negative_prompt=None,
+        num_steps=None,
+        unconditional_guidance_scale=None,
+        temperature=1.0,
+        batch_size=1,
+        seed=None,
+        latents=None,
+        callback=None,
+        scheduler=None,
+        init_image=None,
+        strength=0.8,
+        mask=None,
+        outpaint=None,
+        paste_back=True,
+        height=None,
+        width=None,
+        init_latents=None,
+        output_type="np",
+    ):
+        """Generate images; returns uint8 [len(prompts) * batch_size, H, W, 3].
+
+        `negative_prompt` replaces the empty unconditional prompt of classifier-free
+        guidance (used when the guidance scale is above 1). `seed` makes runs
+        repeatable: image i of the batch uses seed + i. `latents` [B, h, w, 4] (NHWC)
+        replaces the random start (it is multiplied by the scheduler's `init_noise_sigma`;
+        when editing it is the standard-normal noise used in place of the seeded one).
+        `temperature` scales the fresh noise of stochastic samplers (DDPM, Euler ancestral,
+        DDIM with eta > 0); deterministic ones ignore it. `callback(k, n, t)` is called
+        after every model evaluation, n = the number of evaluations that run (len(timesteps):
+        2 * num_steps - 1 for Heun, num_steps + 1 for PNDM; fewer when editing with
+        strength < 1); the loop then runs step by step on the host.
+        `scheduler`: a scheduler name for this call only (e.g. "dpm++2m-karras"; default:
+        the constructor's). `num_steps` and `unconditional_guidance_scale` default to the
+        model's (`self.defaults`: 50 and 7.5 unless the model folder's config.json says
+        otherwise; the built-in shapes model has its own). `height`, `width`: the size of
+        this call (default: the constructor's `img_height`, `img_width`).
+
+        Editing (see `diffusion_tf.pipeline.editing` for every choice): `init_image` (path, PIL
+        image or uint8 array; its size, cropped to a multiple of 8, is the output size) with
+        `strength` in [0, 1] (the part of the schedule that runs) is image-to-image; with
+        `mask` (white = repaint) inpainting; with `outpaint={"left": 128, "top": 64, ...}`
+        (pixels, multiples of 8) the canvas grows and the new area is painted (strength 1).
+        With a mask (or outpaint) the pixels outside it are the input's exactly, unless
+        `paste_back=False` (the raw decoded output, as diffusers returns it).
+        `init_latents` [B, h, w, 4]: image-to-image from latents already encoded (sampler
+        space, e.g. `encode(images)` or another generation's `output_type="latent"`) instead
+        of `init_image`. `output_type`: "np" (uint8 images) or "latent" (the final latents,
+        float32 [B, h, w, 4], not decoded), as diffusers'.
+        """
+        request = GenerationRequest(
+            prompt, negative_prompt=negative_prompt, num_steps=num_steps,
+            guidance_scale=unconditional_guidance_scale, seed=seed, batch_size=batch_size, height=height,
+            width=width, scheduler=scheduler, temperature=temperature, init_image=init_image, strength=strength,
+            mask=mask, outpaint=outpaint, paste_back=paste_back, latents=latents,
+        )
+        return self.run(request, callback=callback, init_latents=init_latents, output_type=output_type)
+
+    def run(self, request, callback=None, init_latents=None, output_type="np"):
+        """`generate` for a `GenerationRequest` (its `model` and `attention` are not used)."""
+        # 1. Check inputs
+        request.validate()
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r}; allowed: {', '.join(OUTPUT_TYPES)}.")
+        sched = self.scheduler if request.scheduler is None else self.get_scheduler(request.scheduler)
+        num_steps = request.num_steps if request.num_steps is not None else self.defaults["num_steps"]
+        guidance = request.guidance_scale if request.guidance_scale is not None else self.defaults["guidance"]
+        prompts = request.prompts()
+        negatives = negative_list(request.negative_prompt, len(prompts))
+        edit = editing.prepare(request.init_image, request.strength, request.mask, request.outpaint)
+        size = self._request_size(request, edit, init_latents)
+        shape = (size[0] // self.vae.downsampling_factor, size[1] // self.vae.downsampling_factor,
+                 self.vae.latent_channels)
+        prompts = [p for p in prompts for _ in range(request.batch_size)]
+        negatives = [n for n in negatives for _ in range(request.batch_size)]
+        seed = int(np.random.default_rng().integers(0, MAX_SEED)) if request.seed is None else request.seed
+        seeds = [(seed + i) % (MAX_SEED + 1) for i in range(len(prompts))]
+        self.last_seeds = seeds
+        timesteps = sched.set_timesteps(num_steps)  # before init_noise_sigma (it may depend on it)
+        noise = self._start_noise(request.latents, seeds, shape, size)
+
+        # 2. Encode the prompt (the text encoder itself runs inside the compiled function)
+        use_guidance = guidance > 1.0
+        cond_ids, uncond_ids = tf.constant(self.tokenizer(prompts)), tf.constant(self.tokenizer(negatives))
+
+        # 3. Prepare the latents (and the editing conditions)
+        tables = {k: tf.constant(v) for k, v in sched.tables.items()}
+        latents, start, cond = self._prepare_latents(
+            sched, tables, num_steps, noise, edit, init_latents, request.strength, len(prompts))
+
+        # 4. Denoise and 5. decode: one compiled function (or step by step with a callback). Its
+        # first call traces and compiles it: give the compiler's freed memory back as it goes
+        # (compiler_memory), so that it does not add to the generation's peak.
+        decode = output_type != "latent"
+        args = (tf.constant(guidance, "float32"), tf.constant(request.temperature, "float32"),
+                tf.constant(seed, "int64"))
+        key = (use_guidance, sched, tuple(sorted(cond)), tuple(int(d) for d in latents.shape[1:3]))
+        fn = self._generate_fn(*key, decode=decode) if callback is None else self._step_fn(*key)
+        with compiler_memory.released(fn.experimental_get_tracing_count() == 0):
+            if callback is None and self.strategy.num_replicas_in_sync > 1:
+                images, latents = self._distributed_generate(
+                    fn, self.strategy.num_replicas_in_sync, cond_ids, uncond_ids, latents, tables, args, start, cond)
+            elif callback is None:
+                images, latents = fn(cond_ids, uncond_ids, latents, tables, *args, tf.constant(start, "int32"), cond)
+            else:
+                latents = self._run_with_callback(fn, key, cond_ids, uncond_ids, latents, tables, args, start,
+                                                  cond, timesteps, callback)
+                images = self._compiled(("decode", key[3]), self.decode)(latents) if decode else latents
+        if not decode:
+            return np.asarray(latents, "float32")
+        images = to_uint8(self._finite_images(images, latents))
+        if edit is not None and edit.mask is not None and request.paste_back:
+            images = editing.paste_back(images, edit.image, edit.mask)
+        return images
+
+    # ------------------------------------------------------------ generate's helpers
+    def _request_size(self, request, edit, init_latents):
+        """(height, width) in pixels: the input image's when editing, else the request's or the pipeline's."""
+        if init_latents is not None:
+            if edit is not None:
+                raise ValueError("init_latents= and init_image= cannot be combined; give one of them.")
+            f = self.vae.downsampling_factor
+            shape = np.shape(init_latents)
+            if len(shape) != 4 or shape[-1] != self.vae.latent_channels:
+                raise ValueError(f"init_latents has shape {tuple(shape)}; expected [B, h, w, "
+                                 f"{self.vae.latent_channels}] (NHWC, sampler space).")
+            height, width = shape[1] * f, shape[2] * f
+        elif edit is not None:
+            height, width = edit.image.shape[:2]
+        else:
+            height = request.height if request.height is not None else self.img_height
+            width = request.width if request.width is not None else self.img_width
+        check_size(height, width)
+        return int(height), int(width)
+
+    def _start_noise(self, latents, seeds, shape, size):
+        """The standard-normal start noise: seeded, or the given `latents` (checked)."""
+        if latents is None:
+            return self.noise(seeds, shape)
+        latents = np.asarray(latents, dtype="float32")
+        expected = (len(seeds),) + tuple(shape)
+        if latents.shape != expected:
+            raise ValueError(
+                f"latents has shape {latents.shape}; expected {expected} (NHWC, batch "
+                f"{len(seeds)} = prompts x batch_size, size {size[0]}x{size[1]})."
+            )
+        if not np.all(np.isfinite(latents)):
+            raise ValueError("latents contain NaN or Inf values.")
+        return tf.constant(latents)
+
+    def _prepare_latents(self, sched, tables, num_steps, noise, edit, init_latents, strength, batch):
+        """(the loop's start latents, its start index, the editing conditions `cond`)."""
+        if edit is None and init_latents is None:
+            latents = noise * np.float32(sched.init_noise_sigma)
+            cond = {}
+            if self.unet.in_channels == 9:  # an inpainting UNet: everything is to be painted
+                height, width = (int(d) * self.vae.downsampling_factor for d in noise.shape[1:3])
+                cond = self._inpaint_inputs(np.zeros((height, width, 3), "uint8"), None, batch)
+            return latents, 0, cond
+        if edit is None:
+            image_latents = tf.constant(np.asarray(init_latents, "float32"))
+            if int(image_latents.shape[0]) != batch:
+                raise ValueError(f"init_latents has {int(image_latents.shape[0])} rows; expected {batch} "
+                                 "(prompts x batch_size).")
+        else:
+            strength = edit.strength  # 1.0 for outpainting
+            image_latents = tf.tile(self.encode(edit.image[None]), [batch, 1, 1, 1])
+        start = editing.start_index(num_steps, strength, sched)
+        inpainting = (edit is not None and edit.inpainting) or self.unet.in_channels == 9
+        if start >= len(sched.timesteps):  # strength 0: no step, the VAE round trip
+            latents = image_latents
+        elif inpainting and start == 0 and strength == 1.0:  # diffusers' is_strength_max
+            latents = noise * np.float32(sched.init_noise_sigma)
+        else:
+            latents = editing.add_noise_at(sched, image_latents, noise, start, tables)
+        cond = {}
+        if self.unet.in_channels == 9:
+            if edit is None:
+                raise ValueError("init_latents= needs a 4-channel UNet; this model is a 9-channel inpainting UNet "
+                                 "(give init_image= instead).")
+            cond = self._inpaint_inputs(edit.image, edit.mask, batch)
+        elif edit is not None and edit.inpainting:
+            m = editing.latent_mask(edit.mask, self.vae.downsampling_factor)
+            cond = {"mask": tf.constant(m[None]), "image_latents": image_latents, "noise": noise}
+        return latents, start, cond
+
+    def _run_with_callback(self, fn, key, cond_ids, uncond_ids, latents, tables, args, start, cond, timesteps,
+                           callback):
+        """The loop on the host, one compiled step at a time, calling `callback(k, n, t)` after each."""
+        use_guidance = key[0]
+        context = self._compiled(("context", use_guidance), lambda c, u: self._context(c, u, use_guidance))(
+            cond_ids, uncond_ids
+        )
+        state = key[1].init_state(latents)
+        run = len(timesteps) - start
+        for k, t in enumerate(timesteps[start:]):
+            latents, state = fn(latents, state, tf.constant(start + k, "int32"), context, tables, *args, cond)
+            callback(k, run, t.item())
+        return latents
+
+    def _distributed_generate(self, fn, replicas, cond_ids, uncond_ids, latents, tables, args, start, cond):
+        """`fn` on each replica with its contiguous share of the batch (shares differ by at most
+        one; a replica may get none); the results concatenated in order."""
+        batch = int(latents.shape[0])
+        bounds = np.linspace(0, batch, replicas + 1).round().astype(int)
+        # The conditioning tensors with one row per image are split; the others are shared.
+        split_cond = {k: v for k, v in cond.items() if int(v.shape[0]) == batch}
+        shared_cond = {k: v for k, v in cond.items() if k not in split_cond}
+        per_image = {"cond_ids": cond_ids, "uncond_ids": uncond_ids, "latents": latents, "cond": split_cond}
+
+        def share(ctx):
+            r = ctx.replica_id_in_sync_group
+            return tf.nest.map_structure(lambda v: v[bounds[r]:bounds[r + 1]], per_image)
+
+        values = self.strategy.experimental_distribute_values_from_function(share)
+        key = ("distributed", fn)
+        if key not in self._functions:
+            def run(values, tables, guidance, temperature, seed, start, shared_cond):
+                def replica_fn(v):
+                    return fn(v["cond_ids"], v["uncond_ids"], v["latents"], tables, guidance, temperature,
+                              seed, start, {**shared_cond, **v["cond"]})
+
+                return self.strategy.run(replica_fn, args=(values,))
+
+            self._functions[key] = tf.function(run)
+        images, out = self._functions[key](values, tables, *args, tf.constant(start, "int32"), shared_cond)
+        local = self.strategy.experimental_local_results
+        return (np.concatenate([np.asarray(x) for x in local(images)]),
+                np.concatenate([np.asarray(x) for x in local(out)]))
+
+    def _finite_images(self, images, latents):
+        """The decoded images, checked: a NaN or Inf (half precision overflowing) never becomes
+        a silently black image. Finite latents with a non-float32 VAE are decoded again by a
+        float32 copy of the VAE (with a warning); anything else raises NonFiniteOutputError."""
+        images = np.asarray(images, "float32")
+        if np.all(np.isfinite(images)):
+            return images
+        latents = np.asarray(latents, "float32")
+        if not np.all(np.isfinite(latents)):
+            raise NonFiniteOutputError(
+                "the denoising loop produced NaN or Inf latents (the UNet overflowed"
+                + ("" if self.unet.compute_dtype == "float32" else f" in {self.unet.compute_dtype}")
+                + "); nothing was saved. Try dtype=None (float32), fewer steps or a lower guidance scale."
+            )
+        if self.vae.compute_dtype == "float32":
+            raise NonFiniteOutputError(
+                "the VAE decoder produced NaN or Inf pixels in float32 (corrupt VAE weights?); nothing was saved."
+            )
+        warnings.warn(
+            f"the VAE decoder overflowed in {self.vae.compute_dtype} (NaN or Inf pixels); decoding again in float32.",
+            stacklevel=3,
+        )
+        images = np.asarray(self._float32_vae().decode(latents / self.vae.scaling_factor), "float32")
+        if not np.all(np.isfinite(images)):
+            raise NonFiniteOutputError("the VAE decoder produced NaN or Inf pixels even in float32; nothing was saved.")
+        return images
+
+    def _float32_vae(self):
+        """A float32 copy of the VAE (built once, on the first overflow)."""
+        if getattr(self, "_vae32", None) is None:
+            from diffusion_tf.components import build_model
+
+            vae = build_model("vae", self.config["vae"], "float32")
+            for target, source in zip(vae.weights, self.vae.weights):
+                target.assign(ops.cast(source, "float32"))
+            self._vae32 = vae
+        return self._vae32
+
+    def _inpaint_inputs(self, image, mask, batch):
+        """{"extra": [B, h, w, 1 + 4]}: the latent mask and the masked-image latents of a
+        9-channel UNet (mask None: all white, i.e. everything repainted)."""
+        f = self.vae.downsampling_factor
+        if mask is None:
+            mask = np.ones(image.shape[:2], "float32")
+        masked = self.encode(editing.masked_image(image, mask)[None])
+        extra = ops.concatenate([ops.convert_to_tensor(editing.latent_mask(mask, f)[None]), masked], axis=-1)
+        return {"extra": tf.tile(extra, [batch, 1, 1, 1])}
+
+
+def _strategy(distribute):
+    """The tf.distribute strategy of `Text2Image(distribute=...)`."""
+    if distribute is None or distribute is False:
+        return tf.distribute.get_strategy()
+    if distribute is True:
+        gpus = tf.config.list_logical_devices("GPU")
+        pool = gpus if gpus else tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([d.name for d in pool])
+    if isinstance(distribute, tf.distribute.Strategy):
+        return distribute
+    raise ValueError(f"distribute={distribute!r}; allowed: None, False, True or a tf.distribute.Strategy.")
+
+
+class NonFiniteOutputError(ValueError):
+    """A generation produced NaN or Inf values that could not be recovered; no image is returned."""
+
+
+def to_uint8(images):
+    """Decoder output in about [-1, 1] -> uint8, as diffusers: round(clip(x / 2 + 0.5) * 255)."""
+    images = np.asarray(images, dtype="float32")
+    if not np.all(np.isfinite(images)):
+        raise NonFiniteOutputError("the decoded image contains NaN or Inf values.")
+    return (np.clip(images / 2 + 0.5, 0, 1) * 255).round().astype("uint8")
