@@ -3,7 +3,8 @@
 Reference outputs come from scripts/make_parity_fixtures.py (committed); each model is
 converted from a diffusers folder, an original .safetensors and an original .ckpt, and
 every conversion must reproduce the reference:
-  token ids equal; text encoder, UNet, VAE decode/encode within 1e-4 max abs error
+  token ids equal (also for prompts with "!", tiny-sd2's pad token: each "!" is the pad id 0,
+  as in transformers/diffusers); text encoder, UNet, VAE decode/encode within 1e-4 max abs error
   (relative to the output's scale where larger than 1); a 10-step DDIM generation with
   guidance 7.5, a negative prompt and given latents within 2/255.
 """
@@ -72,6 +73,22 @@ def test_text_encoder(pipelines, name, source):
     ref = tiny_models.reference(name)
     pipe = pipelines[(name, source)]
     assert_close(pipe.text_encoder(ref["ids"]), ref["text_embeds"], "text encoder")
+
+
+@pytest.mark.parametrize("name,source", CASES)
+def test_prompts_with_the_pad_character(pipelines, name, source):
+    from diffusion_tf.clip_tokenizer import CLIPTokenizer
+
+    ref = tiny_models.reference(name)
+    pipe = pipelines[(name, source)]
+    prompts = ref["meta"]["bang_prompts"]
+    ids = pipe.tokenize(prompts)
+    np.testing.assert_array_equal(ids, ref["bang_ids"])
+    assert_close(pipe.text_encoder(ids), ref["bang_text_embeds"], "text encoder (prompts with '!')")
+    # With pad "!" (tiny-sd2) open_clip's tokenization of these prompts differs from the reference's;
+    # with pad EOS (tiny-sd1) it is the same.
+    text = CLIPTokenizer(pad_token_id=pipe.tokenizer.pad_token_id, pad_token_in_prompt="text")(prompts)
+    assert np.array_equal(text, ref["bang_ids"]) == (name == "tiny-sd1")
 
 
 @pytest.mark.parametrize("name,source", CASES)
