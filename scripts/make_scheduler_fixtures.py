@@ -17,6 +17,25 @@ tests/fixtures/schedulers.npz:
     <case>/<steps>/timesteps diffusers' `timesteps` after set_timesteps(steps)
     <case>/<steps>/final     the final sample (NHWC)
 
+and, for diffusers' object loop as a diffusers user writes it (driven identically by
+diffusion_tf's `step(model_output, t, sample)` / `scale_model_input(sample, t)` in the tests),
+at LOOP_STEPS steps; every sample stored is its corner x[:, :4, :4, :] (CORNER; the
+schedulers and the toy model are elementwise, so a corner checks the same arithmetic and
+keeps the file small):
+
+    loop_steps, img2img/strength         LOOP_STEPS and IMG2IMG_STRENGTH (scalars)
+    noise/<LOOP_STEPS>                   [LOOP_STEPS, 1, 8, 8, 4] standard-normal step draws
+    <case>/<LOOP_STEPS>/timesteps        `timesteps`
+    <case>/<LOOP_STEPS>/trajectory       [len(timesteps), 1, 4, 4, 4]: the sample after each step
+    noise/img2img                        [1, 8, 8, 4]: the noise given to add_noise
+    <case>/img2img/{start,renoised,final} image-to-image as diffusers' img2img pipeline runs a
+                                         scheduler (strength IMG2IMG_STRENGTH): set_begin_index
+                                         (where the scheduler has it), start = add_noise(latents,
+                                         noise, timesteps[begin:begin + 1]), the loop from there;
+                                         renoised = add_noise(latents, noise, timesteps[begin + 1:
+                                         begin + 2]) right after the first step (inpainting's
+                                         re-noising, which diffusers takes at the step index)
+
 and the cases into tests/fixtures/schedulers.json: {case: {"name": get() name, "diffusers":
 class, "config": fields for both, "step_kwargs": extra diffusers step() arguments,
 "stochastic": bool}}.
@@ -28,6 +47,7 @@ noise/<steps>[k] at step k, and diffusion_tf's `step_fn` gets the same array as 
 noise[k], in both.)
 """
 
+import contextlib
 import json
 import os
 
@@ -48,6 +68,9 @@ from diffusers.schedulers import (  # noqa: E402
 
 STEPS = (20, 50)
 SHAPE_NCHW = (1, 4, 8, 8)
+LOOP_STEPS = 10  # below 15: DPM-Solver's lower_order_final and LMS's full order both occur
+IMG2IMG_STRENGTH = 0.6
+CORNER = (slice(None), slice(0, 4), slice(0, 4), slice(None))  # of an NHWC sample
 
 CONFIGS = {
     # Stable Diffusion 1.x/2.x-base
@@ -122,21 +145,43 @@ class _Noise:
         return n.to(dtype or torch.float32)
 
 
-def run_diffusers(name, config, steps, latents_nhwc, noise_nhwc=None):
-    """diffusers' scheduler loop as in its pipelines -> (timesteps, final sample NHWC)."""
-    cls_name, extra, step_kwargs, _ = SCHEDULERS[name]
-    cls = getattr(diffusers, cls_name)
-    sched = cls.from_config(dict(config, **extra))
-    sched.set_timesteps(steps)
+def diffusers_scheduler(name, config):
+    cls_name, extra, _, _ = SCHEDULERS[name]
+    return getattr(diffusers, cls_name).from_config(dict(config, **extra))
+
+
+@contextlib.contextmanager
+def fixed_noise(noise_nhwc):
+    """diffusers' randn_tensor replaced by the stored draws (None: left as it is)."""
     patched = _Noise(noise_nhwc) if noise_nhwc is not None else None
-    saved = {}
     modules = (scheduling_ddim, scheduling_ddpm, scheduling_euler_ancestral_discrete)
+    saved = {m: m.randn_tensor for m in modules}
     if patched is not None:
         for m in modules:
-            saved[m] = m.randn_tensor
             m.randn_tensor = patched
     try:
-        x = torch.from_numpy(np.ascontiguousarray(latents_nhwc.transpose(0, 3, 1, 2)))
+        yield patched
+    finally:
+        for m, fn in saved.items():
+            m.randn_tensor = fn
+
+
+def _nchw(x_nhwc):
+    return torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2)))
+
+
+def _nhwc(x):
+    return x.numpy().transpose(0, 2, 3, 1)
+
+
+def run_diffusers(name, config, steps, latents_nhwc, noise_nhwc=None, record=None):
+    """diffusers' scheduler loop as in its pipelines -> (timesteps, final sample NHWC); with
+    `record` (a list), the sample after every step (NHWC) is appended to it."""
+    step_kwargs = SCHEDULERS[name][2]
+    sched = diffusers_scheduler(name, config)
+    sched.set_timesteps(steps)
+    with fixed_noise(noise_nhwc) as patched:
+        x = _nchw(latents_nhwc)
         x = x * sched.init_noise_sigma
         for k, t in enumerate(sched.timesteps):
             if patched is not None:
@@ -144,10 +189,36 @@ def run_diffusers(name, config, steps, latents_nhwc, noise_nhwc=None):
             x_in = sched.scale_model_input(x, t)
             out = toy_model(x_in, t)
             x = sched.step(out, t, x, **step_kwargs).prev_sample
-    finally:
-        for m, fn in saved.items():
-            m.randn_tensor = fn
-    return sched.timesteps.numpy(), x.numpy().transpose(0, 2, 3, 1)
+            if record is not None:
+                record.append(_nhwc(x))
+    return sched.timesteps.numpy(), _nhwc(x)
+
+
+def img2img_begin(steps, strength, order):
+    """diffusers' img2img pipeline: the index into `timesteps` where the run starts."""
+    init_timestep = min(int(steps * strength), steps)
+    return max(steps - init_timestep, 0) * order
+
+
+def run_diffusers_img2img(name, config, steps, image_nhwc, start_noise_nhwc, noise_nhwc=None):
+    """The scheduler as diffusers' img2img pipeline drives it -> (start, renoised, final), NHWC."""
+    step_kwargs = SCHEDULERS[name][2]
+    sched = diffusers_scheduler(name, config)
+    sched.set_timesteps(steps)
+    begin = img2img_begin(steps, IMG2IMG_STRENGTH, sched.order)
+    timesteps = sched.timesteps[begin:]
+    if hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(begin)
+    image, start_noise = _nchw(image_nhwc), _nchw(start_noise_nhwc)
+    x = start = sched.add_noise(image, start_noise, timesteps[:1])
+    with fixed_noise(noise_nhwc) as patched:
+        for k, t in enumerate(timesteps):
+            if patched is not None:
+                patched.k = k
+            x = sched.step(toy_model(sched.scale_model_input(x, t), t), t, x, **step_kwargs).prev_sample
+            if k == 0:
+                renoised = sched.add_noise(image, start_noise, timesteps[1:2])
+    return _nhwc(start), _nhwc(renoised), _nhwc(x)
 
 
 def our_config(name, config):
@@ -163,8 +234,11 @@ def get_name(name):
 def main():
     latents = starting_latents()
     arrays = {"latents": latents}
-    for steps in STEPS:
+    for steps in STEPS + (LOOP_STEPS,):
         arrays[f"noise/{steps}"] = step_noise(steps)
+    arrays["noise/img2img"] = step_noise(1, seed=2)[0]
+    arrays["loop_steps"] = np.int64(LOOP_STEPS)
+    arrays["img2img/strength"] = np.float64(IMG2IMG_STRENGTH)
     cases = {}
     for name, (cls_name, _, step_kwargs, stochastic) in SCHEDULERS.items():
         for cfg_name, config in CONFIGS.items():
@@ -181,6 +255,16 @@ def main():
                 arrays[f"{case}/{steps}/final"] = final.astype(np.float32)
                 print(f"{case:34s} {steps:3d} steps: {len(timesteps):3d} timesteps, "
                       f"|final| max {np.abs(final).max():.3f}")
+            noise = arrays[f"noise/{LOOP_STEPS}"] if stochastic else None
+            record = []
+            timesteps, _ = run_diffusers(name, config, LOOP_STEPS, latents, noise, record)
+            arrays[f"{case}/{LOOP_STEPS}/timesteps"] = timesteps
+            arrays[f"{case}/{LOOP_STEPS}/trajectory"] = np.stack([x[CORNER] for x in record]).astype(np.float32)
+            for key, x in zip(
+                ("start", "renoised", "final"),
+                run_diffusers_img2img(name, config, LOOP_STEPS, latents, arrays["noise/img2img"], noise),
+            ):
+                arrays[f"{case}/img2img/{key}"] = x[CORNER].astype(np.float32)
     np.savez_compressed(OUT_NPZ, **arrays)
     with open(OUT_JSON, "w", encoding="utf-8") as f:
         json.dump({"diffusers_version": diffusers.__version__, "steps": list(STEPS), "cases": cases},

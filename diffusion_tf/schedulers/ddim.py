@@ -32,8 +32,7 @@ class DDIMScheduler(Scheduler):
             num_train_timesteps, beta_start, beta_end, beta_schedule,
             prediction_type, timestep_spacing, steps_offset,
         )
-        if not isinstance(eta, (int, float, np.number)) or not np.isfinite(eta) or eta < 0:
-            raise ValueError(f"eta={eta!r}; must be a finite number >= 0.")
+        _check_eta(eta)
         self.set_alpha_to_one = set_alpha_to_one
         self.eta = eta
         self.final_alpha_cumprod = 1.0 if set_alpha_to_one else float(self.alphas_cumprod[0])
@@ -55,30 +54,40 @@ class DDIMScheduler(Scheduler):
     def step_fn(self, model_output, i, sample, state=(), noise=None, tables=None):
         a_t = self.table("alpha_bar", i, tables)
         a_prev = self.table("alpha_bar_prev", i, tables)
-        return self._update(model_output, sample, a_t, a_prev, noise), state
+        return self._update(model_output, sample, a_t, a_prev, noise, self.eta), state
 
-    def step(self, model_output, t, sample, noise=None):
-        """x_t -> x_{t-1} for any timestep `t` (int or scalar tensor): stateless, so it also
-        works for timesteps off the schedule. `noise` (standard normal) is used when eta > 0."""
+    def step(self, model_output, timestep, sample, noise=None, eta=None):
+        """x_t -> x_{t-1} from timestep VALUE `timestep` (int or scalar tensor), as diffusers':
+        stateless, the previous timestep is t - num_train_timesteps // num_steps, so it also
+        works off the schedule. `eta` (diffusers' step argument) overrides the configured one
+        for this step; `noise` (standard normal) is then needed when eta > 0."""
         self._require_timesteps()
-        prev_t = ops.cast(t, "int32") - self.num_train_timesteps // self.num_inference_steps
-        a_t = self.alpha_bar(t)
+        if eta is None:
+            eta = self.eta
+        _check_eta(eta)
+        prev_t = ops.cast(timestep, "int32") - self.num_train_timesteps // self.num_inference_steps
+        a_t = self.alpha_bar(timestep)
         a_prev = ops.where(
             prev_t >= 0, self.alpha_bar(ops.maximum(prev_t, 0)), self.final_alpha_cumprod
         )
-        return self._update(model_output, sample, a_t, a_prev, noise)
+        return self._update(model_output, sample, a_t, a_prev, noise, eta)
 
-    def _update(self, model_output, sample, a_t, a_prev, noise):
+    def _update(self, model_output, sample, a_t, a_prev, noise, eta):
         model_output, sample = as_float(model_output), as_float(sample)
         # "predicted x_0" and the noise, from the model's parameterisation
         x0, eps = predicted_original_and_noise(self.prediction_type, model_output, sample, a_t)
         # sigma_t(eta) = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)  (eq. 16)
         variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-        sigma = self.eta * variance**0.5
+        sigma = eta * variance**0.5
         # "direction pointing to x_t": sqrt(1 - a_prev - sigma^2) * eps
         direction = (1 - a_prev - sigma**2) ** 0.5 * eps
         # x_{t-1} = sqrt(a_prev) x0 + direction + sigma * z  (eq. 12)
         prev = a_prev**0.5 * x0 + direction
-        if self.eta > 0:
+        if eta > 0:
             prev = prev + sigma * self._need_noise(noise)
         return prev
+
+
+def _check_eta(eta):
+    if isinstance(eta, bool) or not isinstance(eta, (int, float, np.number)) or not np.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta={eta!r}; must be a finite number >= 0.")

@@ -83,3 +83,10 @@ class DDPMScheduler(Scheduler):
             x0 = model_output
         prev = self.table("x0_coeff", i, tables) * x0 + self.table("sample_coeff", i, tables) * sample
         return prev + self.table("std", i, tables) * self._need_noise(noise), state
+
+    def step(self, model_output, timestep, sample, noise=None):
+        """x_t -> the sample at the next timestep of the schedule, from timestep VALUE `timestep`.
+        Stateless, as diffusers': every call looks `timestep` up (its first occurrence) in
+        `timesteps`, so `step_index` stays None. `noise`: standard normal (unused at t = 0)."""
+        i = int(self._hits(timestep)[0])
+        return self.step_fn(model_output, i, sample, (), noise)[0]

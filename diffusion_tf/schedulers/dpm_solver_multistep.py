@@ -11,7 +11,7 @@ import numpy as np
 from keras import ops
 
 from diffusion_tf.schedulers import schedule
-from diffusion_tf.schedulers.scheduler import Scheduler, _per_sample, as_float
+from diffusion_tf.schedulers.scheduler import Scheduler, _gather, _per_sample, as_float
 
 SOLVER_TYPES = ("midpoint", "heun")
 
@@ -161,16 +161,14 @@ class DPMSolverMultistepScheduler(Scheduler):
         prev = ops.where(use_first, first_order, second_order)
         return prev, (x0, ops.convert_to_tensor(1.0, "float32"))
 
-    def add_noise(self, original, noise, t):
-        """alpha_t x0 + sigma_t noise at the index of timestep `t` (or the begin index)."""
+    def add_noise(self, original, noise, timesteps):
+        """alpha_t x0 + sigma_t noise at the step index of each timestep VALUE (scalar or [B]),
+        picked as diffusers does (see `Scheduler._add_noise_indices`). Eager: the look-up is NumPy.
+
+        A timestep that is not in `timesteps` is a ValueError (diffusers silently takes the
+        last index for it)."""
         original, noise = as_float(original), as_float(noise)
-        self._require_timesteps()
-        if self._begin_index is not None:
-            idx = ops.convert_to_tensor(self._begin_index, "int32")
-        else:
-            ts = ops.convert_to_tensor(self.timesteps.astype(np.int32))
-            hits = ops.equal(ops.expand_dims(ops.cast(t, "int32"), -1), ts)
-            idx = ops.cast(ops.argmax(ops.cast(hits, "int32"), axis=-1), "int32")
-        alpha_t = _per_sample(ops.take(ops.convert_to_tensor(self.tables["alpha_t"]), idx), original)
-        sigma_t = _per_sample(ops.take(ops.convert_to_tensor(self.tables["sigma_t"]), idx), original)
+        indices, scalar = self._add_noise_indices(timesteps)
+        alpha_t = _per_sample(_gather(self.tables["alpha_t"], indices, scalar), original)
+        sigma_t = _per_sample(_gather(self.tables["sigma_t"], indices, scalar), original)
         return alpha_t * original + sigma_t * noise

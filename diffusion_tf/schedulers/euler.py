@@ -2,7 +2,7 @@
 (2022), Algorithm 2 without churn: dx/dsigma = (x - D(x; sigma)) / sigma, one Euler step."""
 
 from diffusion_tf.schedulers import schedule
-from diffusion_tf.schedulers.scheduler import SigmaScheduler, as_float
+from diffusion_tf.schedulers.scheduler import SigmaScheduler, as_float, reject_integer_timestep
 
 
 class EulerDiscreteScheduler(SigmaScheduler):
@@ -44,3 +44,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
         x0 = self._x0(model_output, sample, i, tables)
         derivative = (sample - x0) / self.table("sigma", i, tables)
         return sample + derivative * self.table("dt", i, tables), state
+
+    def step(self, model_output, timestep, sample, noise=None):
+        reject_integer_timestep(self, timestep)
+        return super().step(model_output, timestep, sample, noise)

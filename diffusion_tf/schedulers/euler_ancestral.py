@@ -5,7 +5,7 @@ sigma_down^2 = sigma_next^2 - sigma_up^2 (the DDPM posterior, eq. 7 of Ho et al.
 
 import numpy as np
 
-from diffusion_tf.schedulers.scheduler import SigmaScheduler, as_float
+from diffusion_tf.schedulers.scheduler import SigmaScheduler, as_float, reject_integer_timestep
 
 
 class EulerAncestralDiscreteScheduler(SigmaScheduler):
@@ -48,3 +48,7 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
         derivative = (sample - x0) / self.table("sigma", i, tables)
         prev = sample + derivative * self.table("dt", i, tables)
         return prev + self._need_noise(noise) * self.table("sigma_up", i, tables), state
+
+    def step(self, model_output, timestep, sample, noise=None):
+        reject_integer_timestep(self, timestep)
+        return super().step(model_output, timestep, sample, noise)

@@ -18,6 +18,7 @@ class HeunDiscreteScheduler(SigmaScheduler):
 
     name = "heun"
     karras = True
+    order = 2  # `step` runs once per entry of `timesteps`: predictor, then corrector
 
     def __init__(
         self,

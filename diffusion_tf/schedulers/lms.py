@@ -74,3 +74,10 @@ class LMSDiscreteScheduler(SigmaScheduler):
         # unused orders (the first steps) have coefficient 0
         update = c[0] * derivative + c[1] * d1 + c[2] * d2 + c[3] * d3
         return sample + update, (derivative, d1, d2)
+
+    def step(self, model_output, timestep, sample, noise=None, order=ORDER):
+        """As diffusers' `step(..., order=4)`; only order 4 is implemented (the coefficients
+        are tabulated per `set_timesteps`)."""
+        if order != ORDER:
+            raise ValueError(f"order={order!r}; only {ORDER} is implemented.")
+        return super().step(model_output, timestep, sample, noise)

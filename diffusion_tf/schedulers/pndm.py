@@ -65,12 +65,38 @@ class PNDMScheduler(Scheduler):
         return ops.where(t >= 0, a, self.final_alpha_cumprod)
 
     def step_fn(self, model_output, i, sample, state, noise=None, tables=None):
+        t = self.table("t", i, tables)
+        return self._plms(
+            model_output, sample, state, t, self.table("t_plus", i, tables), self.table("t_minus", i, tables)
+        )
+
+    def step(self, model_output, timestep, sample, noise=None):
+        """One PLMS step from timestep VALUE `timestep`, as diffusers' `step_plms`: the step
+        counter and the noise history live on the object (`counter`), and the transfer runs
+        between `timestep` and timestep -/+ num_train_timesteps // num_steps, so a run that
+        starts part-way (image-to-image) warms up there exactly as diffusers'. `step_index`
+        stays None (diffusers' PNDM has none)."""
+        self._require_timesteps()
+        sample = as_float(sample)
+        if self._state is None:
+            self._state = self.init_state(sample)
+        t = ops.cast(ops.reshape(ops.convert_to_tensor(timestep), ()), "int32")
+        ratio = self.num_train_timesteps // self.num_inference_steps
+        prev, self._state = self._plms(model_output, sample, self._state, t, t + ratio, t - ratio)
+        return prev
+
+    @property
+    def counter(self):
+        """diffusers' `counter`: the number of steps run since `set_timesteps`."""
+        return 0 if self._state is None else int(self._state[0])
+
+    def _plms(self, model_output, sample, state, t, t_plus, t_minus):
+        """One step from the integer timestep tensor `t` (t_plus, t_minus: t -/+ the stride)."""
         model_output, sample = as_float(model_output), as_float(sample)
         counter, e1, e2, e3, cur_sample = state
-        t = self.table("t", i, tables)
         second = ops.equal(counter, 1)  # the repeated timestep: the warm-up's corrector
-        t_from = ops.where(second, self.table("t_plus", i, tables), t)
-        t_to = ops.where(second, t, self.table("t_minus", i, tables))
+        t_from = ops.where(second, t_plus, t)
+        t_to = ops.where(second, t, t_minus)
         # the combined noise prediction (Adams-Bashforth weights of eq. 12 once warm)
         eps = ops.where(
             counter == 0, model_output,

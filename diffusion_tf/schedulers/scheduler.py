@@ -1,11 +1,25 @@
 """Scheduler: the interface every sampling algorithm implements.
 
-Close to diffusers' so users feel at home: `set_timesteps(num_steps)`,
-`timesteps`, `init_noise_sigma`, `scale_model_input`, `step(model_output, t,
-sample, ...)`, `add_noise(original, noise, t)`, `get_config()` / `from_config(config)`.
+The object API is diffusers': `set_timesteps(num_steps)`, `timesteps`,
+`init_noise_sigma`, `scale_model_input(sample, t)`, `step(model_output, t, sample, ...)`,
+`add_noise(original, noise, timesteps)`, `step_index`, `begin_index`,
+`set_begin_index(i)`, `get_config()` / `from_config(config)`. Its methods take timestep
+VALUES `t` (entries of `timesteps`), exactly as diffusers' do, and keep the step index and
+the multistep / predictor-corrector state on the object:
 
-Underneath is a functional core that runs inside one XLA-compiled denoising loop
-(`ops.fori_loop`), including the multistep and second-order algorithms:
+    scheduler.set_timesteps(20)
+    x = noise * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        out = model(scheduler.scale_model_input(x, t), t)
+        x = scheduler.step(out, t, x)             # stochastic ones: noise=<standard normal>
+
+`step` returns the previous sample itself (diffusers' `.prev_sample`). The stochastic
+schedulers take their fresh noise as `noise=` (standard normal, the shape of the sample)
+instead of a torch generator, so a run is reproducible from the arrays alone.
+
+Underneath is a functional core, with its own index-based names, that runs inside one
+XLA-compiled denoising loop (`ops.fori_loop`), including the multistep and second-order
+algorithms:
 
     timesteps = scheduler.set_timesteps(n)        # NumPy; also fills scheduler.tables
     x = noise * scheduler.init_noise_sigma
@@ -60,6 +74,7 @@ class Scheduler:
     """
 
     name = None
+    order = 1  # model evaluations per step; diffusers' pipelines slice `timesteps` by it
 
     def __init__(
         self,
@@ -133,16 +148,78 @@ class Scheduler:
         return False
 
     def set_begin_index(self, begin_index=0):
-        """Index of the first step run (image-to-image starts part-way), as diffusers."""
+        """Index of the first step run (image-to-image starts part-way), as diffusers: the
+        index-tracking schedulers (sigma ones, DPM-Solver) then start there instead of
+        looking the first timestep up, and `add_noise` uses it."""
+        schedule._check_positive_int("begin_index", begin_index, minimum=0)
         self._begin_index = int(begin_index)
 
+    @property
+    def begin_index(self):
+        """The index set by `set_begin_index` (None until then; `set_timesteps` clears it)."""
+        return self._begin_index
+
+    @property
+    def step_index(self):
+        """Index into `timesteps` of the next `step` (None before the first one), as diffusers;
+        it grows by one per `step`. Only the schedulers whose diffusers namesake tracks one
+        (sigma ones, DPM-Solver) set it: DDIM, DDPM and PNDM work from the timestep value."""
+        return self._step_index
+
     def index_for_timestep(self, t):
-        """Index of timestep value `t` in `timesteps` (the second one where it repeats, as diffusers)."""
-        self._require_timesteps()
-        hits = np.nonzero(self.timesteps == np.asarray(t).item())[0]
-        if not len(hits):
-            raise ValueError(f"timestep {t!r} is not one of this scheduler's timesteps.")
+        """Index of timestep value `t` in `timesteps`: the second one where it repeats (Heun,
+        PNDM), as diffusers, so that a run started part-way does not skip a noise level."""
+        hits = self._hits(t)
         return int(hits[1] if len(hits) > 1 else hits[0])
+
+    def _hits(self, t):
+        """Positions of the timestep value `t` (a scalar) in `timesteps`; ValueError if none."""
+        self._require_timesteps()
+        value = _to_numpy(t)
+        if value.size != 1:
+            raise ValueError(f"timestep {t!r}: expected one value, got shape {value.shape}.")
+        value = value.reshape(()).item()
+        hits = np.nonzero(self.timesteps == value)[0]
+        if not len(hits):
+            raise ValueError(
+                f"timestep {value!r} is not one of this scheduler's timesteps (pass an entry of "
+                f"`timesteps`, not its index; the index-based core is step_fn/scale_model_input_at)."
+            )
+        return hits
+
+    def _init_step_index(self, t):
+        """diffusers' `_init_step_index`: the begin index if one is set, else that of `t`."""
+        begin = self._begin_index
+        self._step_index = begin if begin is not None else self.index_for_timestep(t)
+
+    def _current_index(self, t):
+        """The step index, initialised from timestep value `t` if no step ran yet."""
+        self._require_timesteps()
+        if self._step_index is None:
+            self._init_step_index(t)
+        if self._step_index >= len(self.timesteps):
+            raise ValueError(
+                f"step index {self._step_index} is past the last of the {len(self.timesteps)} "
+                f"timesteps; call set_timesteps again to start another run."
+            )
+        return self._step_index
+
+    def _add_noise_indices(self, timesteps):
+        """Step indices for `add_noise` as diffusers picks them: each timestep's index when no
+        begin index is set (training, or a pipeline without one); else the current step index
+        (inpainting re-noises after the first step) or the begin index (the image-to-image start).
+        -> (int32 indices, whether `timesteps` was a scalar)."""
+        self._require_timesteps()
+        values = _to_numpy(timesteps)
+        scalar = values.ndim == 0
+        values = values.reshape(-1)
+        if self._begin_index is None:
+            indices = [self.index_for_timestep(v) for v in values]
+        elif self._step_index is not None:
+            indices = [self._step_index] * len(values)
+        else:
+            indices = [self._begin_index] * len(values)
+        return np.asarray(indices, dtype=np.int32), scalar
 
     # ------------------------------------------------------------ tensor core
     def table(self, name, i, tables=None):
@@ -167,8 +244,10 @@ class Scheduler:
         """The model's input at index `i` (identity except for the sigma schedulers)."""
         return sample
 
-    def scale_model_input(self, sample, i, tables=None):
-        return self.scale_model_input_at(sample, i, tables)
+    def scale_model_input(self, sample, timestep=None):
+        """diffusers' `scale_model_input(sample, timestep)`: the sample unchanged here; the sigma
+        schedulers divide by sqrt(sigma^2 + 1) at the step index of timestep VALUE `timestep`."""
+        return sample
 
     def step_fn(self, model_output, i, sample, state, noise=None, tables=None):
         """x at index i -> (x at index i + 1, new state). `noise`: standard normal, for stochastic ones."""
@@ -179,31 +258,28 @@ class Scheduler:
             raise ValueError(f"{type(self).__name__} is stochastic: step needs `noise` (standard normal).")
         return as_float(noise)
 
-    # ------------------------------------------------------------ diffusers-like eager API
-    def step(self, model_output, t, sample, noise=None):
-        """One step from timestep `t` (a value of `timesteps`), keeping the step index and
-        state on the object like diffusers; returns the previous (less noisy) sample."""
-        self._require_timesteps()
+    # ------------------------------------------------------------ diffusers' object API
+    def step(self, model_output, timestep, sample, noise=None):
+        """One step from timestep VALUE `timestep` (an entry of `timesteps`) -> the previous
+        (less noisy) sample, as diffusers' `step(...).prev_sample`. Index-tracking form (the
+        sigma schedulers and DPM-Solver): the step index is initialised from `timestep` on the
+        first call (or is the begin index), then grows by one per call; the algorithm's state
+        lives on the object. `noise`: standard normal, for the stochastic schedulers."""
         sample = as_float(sample)
-        if self._step_index is None:
-            self._step_index = (
-                self._begin_index if self._begin_index is not None else self.index_for_timestep(t)
-            )
+        i = self._current_index(timestep)
+        if self._state is None:
             self._state = self.init_state(sample)
-        prev, self._state = self.step_fn(model_output, self._step_index, sample, self._state, noise)
-        self._step_index += 1
+        prev, self._state = self.step_fn(model_output, i, sample, self._state, noise)
+        self._step_index = i + 1
         return prev
-
-    @property
-    def step_index(self):
-        return self._step_index
 
     def alpha_bar(self, t):
         """alpha_bar at integer timestep(s) `t` (tensor or int), float32."""
         return ops.take(ops.convert_to_tensor(self.alphas_cumprod), ops.cast(t, "int32"))
 
     def add_noise(self, original, noise, t):
-        """Forward process q(x_t | x_0): sqrt(a_t) x0 + sqrt(1 - a_t) eps (DDPM eq. 4)."""
+        """Forward process q(x_t | x_0): sqrt(a_t) x0 + sqrt(1 - a_t) eps (DDPM eq. 4), at
+        integer timestep value(s) `t` (scalar or [B]; any training timestep, as diffusers')."""
         original, noise = as_float(original), as_float(noise)
         a = self.alpha_bar(t)
         a = _per_sample(a, original)
@@ -296,6 +372,11 @@ class SigmaScheduler(Scheduler):
     def scale_model_input_at(self, sample, i, tables=None):
         return as_float(sample) / self.table("input_scale", i, tables)
 
+    def scale_model_input(self, sample, timestep):
+        """x / sqrt(sigma^2 + 1) at the step index, initialised from timestep VALUE `timestep`
+        if no step ran yet (diffusers: `if self.step_index is None: self._init_step_index(t)`)."""
+        return self.scale_model_input_at(sample, self._current_index(timestep))
+
     def _x0(self, model_output, sample, i, tables):
         """The denoised estimate at index i from the model output (diffusers' arithmetic order)."""
         if self.prediction_type == "epsilon":
@@ -304,24 +385,41 @@ class SigmaScheduler(Scheduler):
             return model_output * self.table("v_out", i, tables) + sample / self.table("v_skip", i, tables)
         return model_output
 
-    def add_noise(self, original, noise, t):
-        """x0 + sigma(t) * noise, sigma at the index of timestep `t` (or the begin index)."""
+    def add_noise(self, original, noise, timesteps):
+        """x0 + sigma * noise, sigma at the step index of each timestep VALUE (scalar or [B]),
+        picked as diffusers does (see `_add_noise_indices`). Eager: the look-up is NumPy."""
         original, noise = as_float(original), as_float(noise)
-        sigma = ops.take(ops.convert_to_tensor(self.tables["sigma"]), self._noise_index(t))
+        sigma = _gather(self.tables["sigma"], *self._add_noise_indices(timesteps))
         return original + noise * _per_sample(sigma, original)
-
-    def _noise_index(self, t):
-        self._require_timesteps()
-        if self._begin_index is not None:
-            return ops.convert_to_tensor(self._begin_index, "int32")
-        t = ops.cast(ops.convert_to_tensor(t), "float32")
-        ts = ops.convert_to_tensor(self.tables["model_timesteps"])
-        hits = ops.equal(ops.expand_dims(t, -1), ts)
-        return ops.cast(ops.argmax(ops.cast(hits, "int32"), axis=-1), "int32")
 
 
 def as_float(x):
     return ops.cast(ops.convert_to_tensor(x), "float32")
+
+
+def _to_numpy(x):
+    """A timestep argument (Python number, NumPy value or array, tensor) as a NumPy array."""
+    if isinstance(x, (int, float, list, tuple, np.ndarray, np.generic)):
+        return np.asarray(x)
+    return np.asarray(ops.convert_to_numpy(x))
+
+
+def reject_integer_timestep(scheduler, timestep):
+    """diffusers' Euler and Euler ancestral refuse an integer `timestep` in `step`: their
+    timesteps are floats, so an integer is most likely an index from `enumerate(timesteps)`."""
+    value = _to_numpy(timestep)
+    if value.dtype.kind in "biu":
+        shown = value.item() if value.size == 1 else value.tolist()
+        raise ValueError(
+            f"timestep {shown!r} is an integer: {type(scheduler).__name__}.step takes an entry "
+            f"of `timesteps` (float32), not its index."
+        )
+
+
+def _gather(table, indices, scalar):
+    """table[indices] as a float32 tensor: a scalar for a scalar timestep, else [B]."""
+    values = np.asarray(table, dtype=np.float32)[indices]
+    return ops.convert_to_tensor(values[0] if scalar else values)
 
 
 def _per_sample(value, like):

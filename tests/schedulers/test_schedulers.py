@@ -6,7 +6,11 @@ pipelines with a deterministic toy denoiser (`toy_model`, the same formula as th
 script's) from fixed latents, at 20 and 50 steps, for Stable Diffusion's config and
 two others (linear betas + "trailing" spacing, "linspace" spacing; both v-prediction).
 The stochastic ones (DDPM, Euler ancestral, DDIM eta=1) are given the same noise
-draws diffusers consumed. No PyTorch is needed, except by the live test at the end.
+draws diffusers consumed. Two drivers are checked against them: the index-based
+functional core (`step_fn`, as the pipeline's XLA loop runs it) and diffusers' object
+loop with timestep values (`scale_model_input(x, t)`, `step(out, t, x)`), for every
+scheduler name, also as diffusers' img2img pipeline starts it part-way. No PyTorch is
+needed, except by the live tests (marked `live`).
 """
 
 import importlib.util
@@ -24,6 +28,14 @@ with open(os.path.join(FIXTURES, "schedulers.json"), encoding="utf-8") as _f:
     META = json.load(_f)
 CASES = META["cases"]
 STEPS = META["steps"]
+CONFIG_NAMES = sorted({case.split("/")[1] for case in CASES})
+CORNER = (slice(None), slice(0, 4), slice(0, 4), slice(None))  # the script's stored corner
+ALIASES = {"plms": "pndm", "euler-ancestral": "euler_a"}
+# every name `get` accepts, plus DDIM with eta=1 given as diffusers' step argument
+LOOP_NAMES = (
+    "ddim", "ddim-eta1", "ddpm", "pndm", "plms", "euler", "euler-karras", "euler_a", "euler-ancestral",
+    "heun", "heun-karras", "lms", "lms-karras", "dpm++2m", "dpm++2m-karras",
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +60,64 @@ def run_eager(scheduler, steps, latents, noise=None):
     x = ops.convert_to_tensor(latents) * scheduler.init_noise_sigma
     state = scheduler.init_state(x)
     for i in range(len(timesteps)):
-        out = toy_model(scheduler.scale_model_input(x, i), scheduler.model_timestep(i))
+        out = toy_model(scheduler.scale_model_input_at(x, i), scheduler.model_timestep(i))
         x, state = scheduler.step_fn(out, i, x, state, noise[i] if scheduler.stochastic else None)
     return timesteps, np.asarray(x)
+
+
+def object_loop(scheduler, x, timesteps, noise=None, step_kwargs=None, after_first=None):
+    """diffusers' loop on the object API, with timestep VALUES -> the sample after each step.
+    `noise[k]`: the k-th step's draw (None: deterministic); `after_first()` runs right after
+    the first step."""
+    trajectory = []
+    for k, t in enumerate(timesteps):
+        kwargs = dict(step_kwargs or {}, noise=None if noise is None else noise[k])
+        x = scheduler.step(toy_model(scheduler.scale_model_input(x, t), t), t, x, **kwargs)
+        trajectory.append(np.asarray(x))
+        if k == 0 and after_first is not None:
+            after_first()
+    return trajectory
+
+
+def loop_case(name, config_name):
+    """-> (fixture case, scheduler built as a diffusers user would, step kwargs, stochastic)."""
+    case = f"{ALIASES.get(name, name)}/{config_name}"
+    meta = CASES[case]
+    step_kwargs = meta["step_kwargs"]
+    config = {k: v for k, v in meta["config"].items() if k not in step_kwargs}
+    from diffusion_tf import schedulers
+
+    return case, schedulers.get(meta["name"] if name == "ddim-eta1" else name, **config), step_kwargs, meta["stochastic"]
+
+
+def run_object(scheduler, steps, latents, noise, step_kwargs, stochastic):
+    """The standard diffusers loop from `latents` -> (timesteps, trajectory)."""
+    from keras import ops
+
+    scheduler.set_timesteps(steps)
+    x = ops.convert_to_tensor(latents) * scheduler.init_noise_sigma
+    return scheduler.timesteps, object_loop(scheduler, x, scheduler.timesteps, noise if stochastic else None, step_kwargs)
+
+
+def img2img_begin(steps, strength, order):
+    """diffusers' img2img pipeline: the index into `timesteps` where the run starts."""
+    init_timestep = min(int(steps * strength), steps)
+    return max(steps - init_timestep, 0) * order
+
+
+def run_object_img2img(scheduler, steps, strength, image, start_noise, noise, step_kwargs, stochastic):
+    """The scheduler as diffusers' img2img pipeline drives it -> (start, renoised, final)."""
+    scheduler.set_timesteps(steps)
+    begin = img2img_begin(steps, strength, scheduler.order)
+    timesteps = scheduler.timesteps[begin:]
+    scheduler.set_begin_index(begin)
+    start = scheduler.add_noise(image, start_noise, timesteps[:1])
+    renoised = []
+    trajectory = object_loop(
+        scheduler, start, timesteps, noise if stochastic else None, step_kwargs,
+        after_first=lambda: renoised.append(scheduler.add_noise(image, start_noise, timesteps[1:2])),
+    )
+    return np.asarray(start), np.asarray(renoised[0]), trajectory[-1]
 
 
 def run_compiled(scheduler, steps, latents, noise):
@@ -67,7 +134,7 @@ def run_compiled(scheduler, steps, latents, noise):
 
         def body(i, carry):
             x, state = carry
-            out = toy_model(scheduler.scale_model_input(x, i, tables), scheduler.model_timestep(i, tables))
+            out = toy_model(scheduler.scale_model_input_at(x, i, tables), scheduler.model_timestep(i, tables))
             step_noise = noise[i] if scheduler.stochastic else None
             return scheduler.step_fn(out, i, x, state, step_noise, tables)
 
@@ -76,6 +143,15 @@ def run_compiled(scheduler, steps, latents, noise):
         return x
 
     return np.asarray(loop(tf.constant(latents), tf.constant(noise), tables))
+
+
+def scaled_error(ours, theirs):
+    """max |ours - theirs| / max(1, max |theirs|). Intermediate samples of the sigma schedulers
+    are x0 + sigma eps with sigma up to ~160 (linear betas), where one float32 ulp is already
+    ~1e-5; so a sample along the way is compared at its own scale, and the final sample (of
+    order 1, where this is the absolute error) as the existing parity tests do."""
+    theirs = np.asarray(theirs)
+    return float(np.abs(np.asarray(ours) - theirs).max()) / max(1.0, float(np.abs(theirs).max()))
 
 
 def make(case):
@@ -131,7 +207,7 @@ def test_compiled_loop_reused_for_another_step_count(ref):
     def loop(x, tables):
         def body(i, carry):
             x, state = carry
-            out = toy_model(scheduler.scale_model_input(x, i, tables), scheduler.model_timestep(i, tables))
+            out = toy_model(scheduler.scale_model_input_at(x, i, tables), scheduler.model_timestep(i, tables))
             return scheduler.step_fn(out, i, x, state, None, tables)
 
         n = ops.shape(tables["model_timesteps"])[0]
@@ -144,17 +220,145 @@ def test_compiled_loop_reused_for_another_step_count(ref):
         assert np.abs(out - ref[f"dpm++2m-karras/sd/{steps}/final"]).max() <= TOL
 
 
-def test_eager_step_api_like_diffusers(ref):
-    """`step(model_output, t, sample)` keeps the index and state on the object."""
+# ---------------------------------------------------------------- diffusers' object loop
+@pytest.mark.parametrize("config_name", CONFIG_NAMES)
+@pytest.mark.parametrize("name", LOOP_NAMES)
+def test_object_loop_matches_diffusers(ref, name, config_name):
+    """`for t in s.timesteps: x = s.step(eps(s.scale_model_input(x, t), t), t, x)`: every
+    step's sample against diffusers' (the stored corner) at the loop's step count, and the
+    whole final sample at 20 steps."""
+    steps = int(ref["loop_steps"])
+    case, scheduler, step_kwargs, stochastic = loop_case(name, config_name)
+    timesteps, trajectory = run_object(scheduler, steps, ref["latents"], ref[f"noise/{steps}"], step_kwargs, stochastic)
+    assert_timesteps_equal(timesteps, ref[f"{case}/{steps}/timesteps"])
+    expected = ref[f"{case}/{steps}/trajectory"]
+    assert len(trajectory) == len(expected) == len(timesteps)
+    err = max(scaled_error(x[CORNER], e) for x, e in zip(trajectory, expected))
+    assert err <= TOL, f"{name} ({case}) at {steps} steps: max scaled error {err:.2e} > {TOL}"
+    err = float(np.abs(trajectory[-1][CORNER] - expected[-1]).max())
+    assert err <= TOL, f"{name} ({case}) at {steps} steps: final max error {err:.2e} > {TOL}"
+    _, trajectory = run_object(scheduler, 20, ref["latents"], ref["noise/20"], step_kwargs, stochastic)
+    err = float(np.abs(trajectory[-1] - ref[f"{case}/20/final"]).max())
+    assert err <= TOL, f"{name} ({case}) at 20 steps: max error {err:.2e} > {TOL}"
+    if scheduler.step_index is not None:  # index-tracking: one per entry of timesteps (Heun: 2N - 1)
+        assert scheduler.step_index == len(scheduler.timesteps)
+
+
+@pytest.mark.parametrize("config_name", CONFIG_NAMES)
+@pytest.mark.parametrize("name", LOOP_NAMES)
+def test_object_loop_img2img_matches_diffusers(ref, name, config_name):
+    """As diffusers' img2img pipeline: set_begin_index(begin), add_noise at timesteps[begin],
+    the loop from there, and add_noise again after the first step (the step index then)."""
+    steps = int(ref["loop_steps"])
+    case, scheduler, step_kwargs, stochastic = loop_case(name, config_name)
+    got = run_object_img2img(
+        scheduler, steps, float(ref["img2img/strength"]), ref["latents"], ref["noise/img2img"],
+        ref[f"noise/{steps}"], step_kwargs, stochastic,
+    )
+    for key, x in zip(("start", "renoised", "final"), got):
+        expected = ref[f"{case}/img2img/{key}"]
+        err = float(np.abs(x[CORNER] - expected).max()) if key == "final" else scaled_error(x[CORNER], expected)
+        assert err <= TOL, f"{name} ({case}) img2img {key}: max error {err:.2e} > {TOL}"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_object_loop_equals_functional_core(ref, case):
+    """The object API is the functional core driven by timestep values: the same samples at
+    every step as `step_fn` at the looked-up indices."""
     from keras import ops
 
-    for case in ("heun/sd", "pndm/linspace_v", "lms-karras/sd", "dpm++2m/linear_trailing_v"):
-        scheduler = make(case)
-        timesteps = scheduler.set_timesteps(20)
-        x = ops.convert_to_tensor(ref["latents"]) * scheduler.init_noise_sigma
-        for i, t in enumerate(timesteps):
-            x = scheduler.step(toy_model(scheduler.scale_model_input(x, i), np.float32(t)), t, x)
-        assert np.abs(np.asarray(x) - ref[f"{case}/20/final"]).max() <= TOL
+    name = case.split("/")[0]
+    _, scheduler, step_kwargs, stochastic = loop_case(name, case.split("/")[1])
+    core = make(case)  # DDIM eta=1 from its config here, from the step argument above
+    steps = int(ref["loop_steps"])
+    noise = ref[f"noise/{steps}"]
+    _, trajectory = run_object(scheduler, steps, ref["latents"], noise, step_kwargs, stochastic)
+    timesteps = core.set_timesteps(steps)
+    x = ops.convert_to_tensor(ref["latents"]) * core.init_noise_sigma
+    state = core.init_state(x)
+    for i, ours in enumerate(trajectory):
+        out = toy_model(core.scale_model_input_at(x, i), core.model_timestep(i))
+        x, state = core.step_fn(out, i, x, state, noise[i] if stochastic else None)
+        np.testing.assert_array_equal(ours, np.asarray(x), err_msg=f"{case} step {i} (t = {timesteps[i]})")
+
+
+def test_object_api_step_index_like_diffusers():
+    from keras import ops
+
+    from diffusion_tf import schedulers
+
+    x = ops.ones((1, 2, 2, 4))
+    heun = schedulers.get("heun")
+    t = heun.set_timesteps(4)
+    assert heun.step_index is None and heun.begin_index is None and heun.order == 2
+    heun.scale_model_input(x, t[0])  # initialises the index from the timestep value
+    assert heun.step_index == 0
+    for k, tk in enumerate(t):
+        heun.step(heun.scale_model_input(x, tk) * 0, tk, x)
+        assert heun.step_index == k + 1
+    with pytest.raises(ValueError, match="past the last"):
+        heun.step(x, t[-1], x)
+    heun.set_timesteps(4)
+    assert heun.step_index is None
+    # a repeated timestep starts at its second occurrence, as diffusers (no skipped sigma)
+    heun.scale_model_input(x, t[1])
+    assert heun.step_index == 2
+    heun.set_timesteps(4)
+    heun.set_begin_index(3)
+    heun.scale_model_input(x, t[0])  # the begin index wins over the timestep
+    assert heun.step_index == 3 and heun.begin_index == 3
+    with pytest.raises(ValueError, match="begin_index=-1"):
+        heun.set_begin_index(-1)
+    # DDIM, DDPM, PNDM work from the timestep value, as diffusers' (no step index)
+    for name in ("ddim", "ddpm", "pndm"):
+        s = schedulers.get(name)
+        t = s.set_timesteps(4)
+        s.step(x, t[0], x, noise=np.zeros((1, 2, 2, 4), "float32"))
+        assert s.step_index is None
+    pndm = schedulers.get("pndm")
+    t = pndm.set_timesteps(4)
+    assert pndm.counter == 0
+    pndm.step(x, t[0], x)
+    pndm.step(x, t[1], x)
+    assert pndm.counter == 2
+
+
+def test_object_api_rejects_an_index_for_a_timestep():
+    from keras import ops
+
+    from diffusion_tf import schedulers
+
+    x = ops.ones((1, 2, 2, 4))
+    zeros = np.zeros((1, 2, 2, 4), "float32")
+    for name in ("euler", "euler_a", "heun", "lms", "dpm++2m", "ddpm"):
+        s = schedulers.get(name)
+        s.set_timesteps(20)  # "leading": 951, 901, ..., 1, so 3 (an index) is not a timestep
+        with pytest.raises(ValueError, match="timestep 3.0 is not one of"):
+            s.step(x, 3.0, x, noise=zeros)
+    for name in ("euler", "euler_a", "heun", "lms"):
+        s = schedulers.get(name)
+        s.set_timesteps(20)
+        with pytest.raises(ValueError, match="timestep 3 is not one of"):
+            s.scale_model_input(x, 3)
+    for name in ("euler", "euler_a"):  # as diffusers: an integer is taken for an index
+        s = schedulers.get(name)
+        t = s.set_timesteps(20)
+        with pytest.raises(ValueError, match=f"timestep {int(t[0])} is an integer"):
+            s.step(x, int(t[0]), x, noise=zeros)
+    s = schedulers.get("euler")
+    with pytest.raises(ValueError, match="set_timesteps"):
+        s.scale_model_input(x, 1.0)
+    s.set_timesteps(20)
+    with pytest.raises(ValueError, match="one value"):
+        s.scale_model_input(x, s.timesteps[:2])
+    with pytest.raises(ValueError, match="order=2"):
+        schedulers.get("lms").step(x, 1.0, x, order=2)
+    ddim = schedulers.get("ddim")
+    ddim.set_timesteps(20)
+    with pytest.raises(ValueError, match="eta=-0.5"):
+        ddim.step(x, 1, x, eta=-0.5)
+    with pytest.raises(ValueError, match="noise"):
+        ddim.step(x, 1, x, eta=1.0)
 
 
 def test_init_noise_sigma_and_model_input_scale():
@@ -168,7 +372,11 @@ def test_init_noise_sigma_and_model_input_scale():
     assert euler.init_noise_sigma == pytest.approx((sigma**2 + 1) ** 0.5)  # "leading" spacing
     x = np.ones((1, 2, 2, 4), "float32")
     np.testing.assert_allclose(
-        np.asarray(euler.scale_model_input(x, 0)), x / (sigma**2 + 1) ** 0.5, rtol=1e-6
+        np.asarray(euler.scale_model_input_at(x, 0)), x / (sigma**2 + 1) ** 0.5, rtol=1e-6
+    )
+    sigma3 = float(euler.tables["sigma"][3])
+    np.testing.assert_allclose(  # the object API takes the timestep value
+        np.asarray(euler.scale_model_input(x, euler.timesteps[3])), x / (sigma3**2 + 1) ** 0.5, rtol=1e-6
     )
     trailing = schedulers.get("euler", timestep_spacing="trailing", steps_offset=0)
     trailing.set_timesteps(10)
@@ -177,8 +385,8 @@ def test_init_noise_sigma_and_model_input_scale():
         s = schedulers.get(name)
         s.set_timesteps(10)
         assert s.init_noise_sigma == 1.0
-        assert s.scale_model_input(ops.ones((1, 2)), 3) is not None
-        np.testing.assert_array_equal(np.asarray(s.scale_model_input(np.ones((1, 2), "float32"), 3)), 1)
+        x = ops.ones((1, 2))
+        assert s.scale_model_input(x, s.timesteps[3]) is x and s.scale_model_input_at(x, 3) is x
 
 
 def test_timesteps_structure():
@@ -227,6 +435,20 @@ def test_add_noise():
     t = dpm.set_timesteps(10)
     a_t, s_t = float(dpm.tables["alpha_t"][2]), float(dpm.tables["sigma_t"][2])
     np.testing.assert_allclose(np.asarray(dpm.add_noise(x0, eps, t[2])), a_t * 0.5 + s_t, rtol=1e-6)
+    # a [B] vector of timestep values: one noise level per sample
+    out = np.asarray(euler.add_noise(x0, eps, np.array([euler.timesteps[1], euler.timesteps[6]])))
+    np.testing.assert_allclose(out[:, 0, 0, 0], 0.5 + euler.tables["sigma"][[1, 6]], rtol=1e-6)
+    # as diffusers: with a begin index, add_noise uses it (image-to-image start), and the step
+    # index once a step ran (inpainting), whatever the timestep values
+    t = euler.timesteps
+    euler.set_begin_index(4)
+    np.testing.assert_allclose(np.asarray(euler.add_noise(x0, eps, t[:1])), 0.5 + euler.tables["sigma"][4], rtol=1e-6)
+    euler.step(eps, t[4], x0)
+    np.testing.assert_allclose(np.asarray(euler.add_noise(x0, eps, t[:1])), 0.5 + euler.tables["sigma"][5], rtol=1e-6)
+    for s in (euler, dpm):
+        s.set_timesteps(10)
+        with pytest.raises(ValueError, match="timestep 500 is not one of"):
+            s.add_noise(x0, eps, np.array([500]))
 
 
 # ---------------------------------------------------------------- names and configs
@@ -343,6 +565,7 @@ def _reference_script():
     return module
 
 
+@pytest.mark.live
 @pytest.mark.parametrize(
     "case,steps",
     [("dpm++2m-karras/sd", 7), ("heun/linear_trailing_v", 33), ("pndm/sd", 33), ("euler_a/linspace_v", 7)],
@@ -361,6 +584,45 @@ def test_live_against_diffusers(case, steps):
     ours_t, ours = run_eager(make(case), steps, latents, noise)
     assert_timesteps_equal(ours_t, timesteps)
     assert np.abs(ours - final).max() <= TOL
+
+
+LIVE_STEPS = 13  # another step count than the fixtures' (odd; Heun: 25 calls)
+
+
+@pytest.mark.live
+@pytest.mark.parametrize("config_name", CONFIG_NAMES)
+@pytest.mark.parametrize("name", LOOP_NAMES)
+def test_live_object_loop_against_diffusers(name, config_name):
+    """diffusers' scheduler and ours in the same loop, `step(eps(scale_model_input(x, t), t), t, x)`,
+    fresh latents and noise: every step's whole sample, and the img2img start part-way."""
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    script = _reference_script()
+    case, scheduler, step_kwargs, stochastic = loop_case(name, config_name)
+    algorithm = case.split("/")[0]
+    latents = script.starting_latents(seed=LIVE_STEPS)
+    noise = script.step_noise(LIVE_STEPS, seed=LIVE_STEPS)
+    theirs = []
+    timesteps, _ = script.run_diffusers(
+        algorithm, script.CONFIGS[config_name], LIVE_STEPS, latents, noise if stochastic else None, theirs
+    )
+    ours_t, ours = run_object(scheduler, LIVE_STEPS, latents, noise, step_kwargs, stochastic)
+    assert_timesteps_equal(ours_t, timesteps)
+    assert len(ours) == len(theirs)
+    err = max(scaled_error(a, b) for a, b in zip(ours, theirs))
+    assert err <= TOL, f"{name} ({case}): max scaled error {err:.2e} > {TOL}"
+    err = float(np.abs(ours[-1] - theirs[-1]).max())
+    assert err <= TOL, f"{name} ({case}): final max error {err:.2e} > {TOL}"
+    start_noise = script.step_noise(1, seed=LIVE_STEPS)[0]
+    theirs = script.run_diffusers_img2img(
+        algorithm, script.CONFIGS[config_name], LIVE_STEPS, latents, start_noise, noise if stochastic else None
+    )
+    ours = run_object_img2img(
+        scheduler, LIVE_STEPS, script.IMG2IMG_STRENGTH, latents, start_noise, noise, step_kwargs, stochastic
+    )
+    for key, a, b in zip(("start", "renoised", "final"), ours, theirs):
+        err = float(np.abs(a - b).max()) if key == "final" else scaled_error(a, b)
+        assert err <= TOL, f"{name} ({case}) img2img {key}: max error {err:.2e} > {TOL}"
 
 
 def test_model_target_is_the_inverse_of_predicted_original_and_noise():
