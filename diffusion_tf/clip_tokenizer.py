@@ -55,8 +55,8 @@ class CLIPTokenizer:
     Special tokens are split out of the (cleaned) prompt before BPE, leftmost and longest first, as
     transformers' CLIPTokenizer splits out its added tokens: BOS "<|startoftext|>", EOS "<|endoftext|>"
     (CLIP's UNK is EOS too) and, with `pad_token_in_prompt="special"` (the default), the pad token's text.
-    So with pad "!" the prompt "hello!!" is [hello</w>, 0, 0] as in transformers and diffusers (whose SD 2.x
-    and SDXL text encoders were used with exactly these ids), not [hello</w>, "!!</w>"].
+    So with pad "!" the prompt "hello!!" is [hello</w>, 0, 0], the ids transformers and diffusers give (the
+    reference this package matches), not [hello</w>, !!</w>].
     `pad_token_in_prompt="text"` tokenizes the pad token's text as ordinary text, as open_clip does (the
     tokenizer SD 2.x was trained with; diffusers issue #4153). With pad = EOS the two are the same.
     """
@@ -69,11 +69,6 @@ class CLIPTokenizer:
             raise ValueError("vocab_file and merges_file must be given together (or neither).")
         if context_length < 2:
             raise ValueError(f"context_length must be at least 2, got {context_length}.")
-        if pad_token_in_prompt not in PAD_TOKEN_IN_PROMPT:
-            raise ValueError(
-                f"pad_token_in_prompt must be one of {', '.join(map(repr, PAD_TOKEN_IN_PROMPT))}, "
-                f"got {pad_token_in_prompt!r}."
-            )
         self.byte_encoder = _bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         if vocab_file is None:
@@ -94,6 +89,7 @@ class CLIPTokenizer:
         self.bos_token_id = self.encoder[_BOS]
         self.eos_token_id = self.encoder[_EOS]
         self.context_length = int(context_length)
+        self._pad_token_id = self.eos_token_id
         self.pad_token_in_prompt = pad_token_in_prompt
         self.pad_token_id = pad_token_id
         self._cache = {}
@@ -104,11 +100,30 @@ class CLIPTokenizer:
 
     @pad_token_id.setter
     def pad_token_id(self, value):
-        if isinstance(value, bool) or value not in self.decoder:
-            raise ValueError(f"pad_token_id {value!r} is not in the vocabulary (ids 0..{len(self.decoder) - 1}).")
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value not in self.decoder:
+            raise ValueError(
+                f"pad_token_id must be an integer id of the vocabulary (0..{len(self.decoder) - 1}), got {value!r}."
+            )
         self._pad_token_id = int(value)
+        self._compile_special()
+
+    @property
+    def pad_token_in_prompt(self):
+        return self._pad_token_in_prompt
+
+    @pad_token_in_prompt.setter
+    def pad_token_in_prompt(self, value):
+        if not isinstance(value, str) or value not in PAD_TOKEN_IN_PROMPT:
+            raise ValueError(
+                f"pad_token_in_prompt must be one of {', '.join(map(repr, PAD_TOKEN_IN_PROMPT))}, got {value!r}."
+            )
+        self._pad_token_in_prompt = value
+        self._compile_special()
+
+    def _compile_special(self):
+        """The regex that splits special tokens out of a prompt: BOS, EOS and, in "special" mode, the pad token."""
         specials = {_BOS, _EOS}
-        if self.pad_token_in_prompt == "special":
+        if self._pad_token_in_prompt == "special":
             specials.add(self.decoder[self._pad_token_id])
         # Longest first: at any position the regex takes the first alternative that matches, so this is
         # the leftmost-longest match of transformers' added-token splitting (e.g. "!" vs "!</w>").

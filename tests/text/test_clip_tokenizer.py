@@ -208,13 +208,20 @@ def test_longest_special_token_first():
     assert CLIPTokenizer(pad_token_id=256).encode("a!</w>b") == [320, 256, 321]
 
 
-def test_setting_pad_token_id_resplits(tok_pad0):
+def test_setting_pad_token_id_or_convention_resplits(tok_pad0):
     tok = CLIPTokenizer()
     assert tok.encode("hi!!") == [1883, 748]
     tok.pad_token_id = 0
     assert tok.encode("hi!!") == [1883, 0, 0] == tok_pad0.encode("hi!!")
-    with pytest.raises(ValueError, match=r"pad_token_id 49408 is not in the vocabulary \(ids 0\.\.49407\)"):
-        tok.pad_token_id = 49408
+    for bad in (49408, -1, 0.0, "0", True, None):
+        expected = rf"pad_token_id must be an integer id of the vocabulary \(0\.\.49407\), got {re.escape(repr(bad))}\."
+        with pytest.raises(ValueError, match=expected):
+            tok.pad_token_id = bad
+    assert tok.pad_token_id == 0 and tok.encode("hi!!") == [1883, 0, 0]
+    tok.pad_token_in_prompt = "text"
+    assert tok.encode("hi!!") == [1883, 748]
+    with pytest.raises(ValueError, match="pad_token_in_prompt must be one of"):
+        tok.pad_token_in_prompt = "open_clip"
 
 
 @pytest.mark.parametrize("bad", ["open_clip", "SPECIAL", None, True])
