@@ -13,22 +13,24 @@ Those numbers came from a version that drew t with its own train_step (another R
 stream); the script now uses DiffusionTrainer's high-noise option, so the draws differ.
 """
 import copy, json, sys, numpy as np, tensorflow as tf, keras
-from diffusion_tf import train as T
 from diffusion_tf.components import build_model
 from diffusion_tf.clip_tokenizer import CLIPTokenizer
 from diffusion_tf.schedulers.scheduler import Scheduler
 from diffusion_tf.shapes import dataset as S
 from diffusion_tf import eval as ev
+from diffusion_tf.training.options import PRESETS
+from diffusion_tf.training.trainers import DiffusionTrainer
+from diffusion_tf.training.vae import load_vae_from
 
 coords = sys.argv[1] == "coords"
 steps = int(sys.argv[2])
-cfg = copy.deepcopy(T.PRESETS["small"])
+cfg = copy.deepcopy(PRESETS["small"])
 if coords:
     cfg["unet"].update(down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
                        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
                        block_out_channels=[32, 64, 128], coordinate_channels=True)
 vae_folder = sys.argv[4] if len(sys.argv) > 4 else "runs/shapes"
-vae = T.load_vae_from(vae_folder)
+vae = load_vae_from(vae_folder)
 scaling = json.load(open(f"{vae_folder}/config.json"))["vae"]["scaling_factor"]
 N = int(sys.argv[3]) if len(sys.argv) > 3 else 32
 imgs, caps, specs = S.make_dataset(N, 5, p_position=1.0, p_background=1.0, return_specs=True)
@@ -46,8 +48,8 @@ sched = Scheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta
 uncond = np.asarray(tok([""]), np.int32)[0]
 
 
-# every step at t in [800, 1000), the captions never dropped: the position phase of train.py
-tr = T.DiffusionTrainer(unet, te, sched, uncond, prediction_type="v_prediction", cfg_drop=0.0, seed=0,
+# every step at t in [800, 1000), the captions never dropped: the position phase of training
+tr = DiffusionTrainer(unet, te, sched, uncond, prediction_type="v_prediction", cfg_drop=0.0, seed=0,
                         ema_decay=0.0, high_noise_steps=10**9, high_noise_t_min=800)
 tr.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=True)
 ds = tf.data.Dataset.from_tensor_slices((lat.astype("float32"), ids)).shuffle(N, seed=0).repeat().batch(32, drop_remainder=True)

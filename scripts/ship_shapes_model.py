@@ -7,7 +7,7 @@
 Copies config.json and the three weight files of the model folder written by
 `diffusion_tf.train` to diffusion_tf/data/shapes_model/ (atomically: a temporary
 folder, then a rename), sets the config's "defaults" section to
-`diffusion_tf.train.GENERATION_DEFAULTS`, drops the absolute training paths from it,
+`diffusion_tf.training.options.GENERATION_DEFAULTS`, drops the absolute training paths from it,
 and refuses a model over the 16 MB budget.
 """
 
@@ -25,7 +25,7 @@ MAX_BYTES = 16 * 1000 * 1000
 
 def main(argv=None):
     sys.path.insert(0, ROOT)
-    from diffusion_tf.train import GENERATION_DEFAULTS
+    from diffusion_tf.training.options import GENERATION_DEFAULTS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folder", help="the --save folder of a finished `python -m diffusion_tf.train` run")

@@ -19,7 +19,7 @@ is painted when its centre (j + 0.5, i + 0.5) lies in the shape; crisp, no anti-
 - square: side `size`, centred on (cx, cy);
 - triangle: base `size` and height `size`, apex up; (cx, cy) is its centroid (the apex
   is 2/3 of the height above it, the base 1/3 below), so that "the shape's centre" is
-  its centre of mass for every shape, which is what `diffusion_tf.eval` measures.
+  its centre of mass for every shape, which is what `diffusion_tf.shapes.judge` measures.
 
 Centres are whole numbers, and named positions keep a margin of 2 px inside their third
 (x <= 20 for left, x >= 44 for right, the same for top/bottom), so the measured pixel

@@ -1,5 +1,5 @@
 """The built-in shapes model: shipped in the package, the default when Stable Diffusion
-v1.5 is not cached, and it draws what its prompt asks (judged by diffusion_tf.eval)."""
+v1.5 is not cached, and it draws what its prompt asks (judged by diffusion_tf.shapes.judge)."""
 
 import json
 import os
@@ -92,7 +92,7 @@ def test_text2image_default_prints_one_line(empty_home, capsys):
 
 @pytest.mark.parametrize("prompt,seed", CASES)
 def test_draws_what_is_asked(shapes_t2i, prompt, seed):
-    from diffusion_tf.eval import judge
+    from diffusion_tf.shapes.judge import judge
 
     image = shapes_t2i.generate(prompt, seed=seed)[0]
     assert image.shape == (64, 64, 3) and image.dtype == np.uint8
@@ -104,11 +104,13 @@ def test_draws_what_is_asked(shapes_t2i, prompt, seed):
 def test_prompt_adherence_on_50_grammar_prompts(shapes_t2i):
     """`python -m diffusion_tf.eval`'s first 50 prompts at the defaults (the full 100: 99%,
     these 50: 100% with XLA; 92.2% on 500 prompts of three seeds)."""
-    from diffusion_tf import eval as ev
+    from diffusion_tf.shapes import sample_prompts
+    from diffusion_tf.shapes.generate import generate_images
+    from diffusion_tf.shapes.judge import judge, score
 
-    prompts = ev.shapes.sample_prompts(50, 0)
-    images = ev.generate_images(prompts, pipeline=shapes_t2i, log=lambda *_: None)
-    scores = ev.score([ev.judge(im, p) for im, p in zip(images, prompts)])
+    prompts = sample_prompts(50, 0)
+    images = generate_images(prompts, pipeline=shapes_t2i, log=lambda *_: None)
+    scores = score([judge(im, p) for im, p in zip(images, prompts)])
     assert scores["all"] >= 0.9, scores
     assert min(scores["color"], scores["position"], scores["background"]) >= 0.95, scores
 
