@@ -18,7 +18,8 @@ How it measures:
   batch 1; TensorFlow and PyTorch both get `--threads` threads (default: every core);
 - reports median / min / max seconds and the ratio of each median to diffusers eager's;
 - the glibc heap: unless DIFFUSION_TF_KEEP_HEAP=0, our networks keep large freed blocks
-  between calls (`diffusion_tf.compiler_memory.keep_large_blocks`); diffusers runs with glibc's
+  between calls (`diffusion_tf.compiler_memory.keep_large_blocks`, applied by
+  `diffusion_tf.runtime.apply()` once their weights are in place); diffusers runs with glibc's
   thresholds, as its users get it, and `--impls diffusers-keep-heap` adds diffusers with our
   setting. The setting is process-wide, so before each call the heap is switched to that
   implementation's mode (glibc's defaults as the 32 MiB mmap / 64 MiB trim thresholds its own
@@ -88,6 +89,9 @@ def our_models(configs, reference):
             state = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in state.items()}
         set_state_dict(model, state, source=f"diffusers {name}")
         out[name] = model
+    from diffusion_tf import runtime
+
+    runtime.apply()  # the heap setting, as `load_folder` applies it: after the weights are in place
     return out
 
 
@@ -349,9 +353,9 @@ def main(argv=None):
     p.add_argument("--folder", default=None, help="where --parts generate writes the two model folders")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    from diffusion_tf import compiler_memory
+    from diffusion_tf import runtime
 
-    if "diffusers-keep-heap" in args.impls and not compiler_memory.enabled():
+    if "diffusers-keep-heap" in args.impls and not runtime.options().keep_heap:
         # With the setting turned off this row would silently be plain diffusers.
         p.error("--impls diffusers-keep-heap compares the heap setting that DIFFUSION_TF_KEEP_HEAP=0 turns off")
     _configure_threads(args.threads)

@@ -35,6 +35,8 @@ from diffusion_tf import presets
 from diffusion_tf.components import build_model
 config = dict(presets.get_preset("sd-v1-5")["configs"]["unet"], attention=attention)
 unet = build_model("unet", config, dtype=dtype)
+from diffusion_tf import runtime
+runtime.apply()  # the heap setting, as components.load_folder applies it for use
 rng = np.random.default_rng(0)
 side = size // 8
 x = tf.constant(rng.standard_normal((2, side, side, 4)).astype("float32"))

@@ -2,8 +2,11 @@
 
 import os as _os
 
+from diffusion_tf import startup_log as _startup_log
+
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Before anything imports TensorFlow: its log level, and its start-up lines off the terminal.
+_startup_log.install()
 
 __version__ = "0.1.0"
 
@@ -11,7 +14,7 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # Lazy, so `import diffusion_tf` (and the CLI's --help) do not import TensorFlow.
     if name == "Text2Image":
-        from diffusion_tf.text2image import Text2Image
+        from diffusion_tf.pipeline.text_to_image import Text2Image
 
         return Text2Image
     if name == "CLIPTokenizer":

@@ -4,7 +4,8 @@
     python -m diffusion_tf info --json   # the same as JSON
 
 The weights cache is `$DIFFUSION_TF_HOME`, else `~/.cache/diffusion_tf` (see
-`diffusion_tf.presets`); set DIFFUSION_TF_HOME to move it.
+`diffusion_tf.presets`; read once, as the runtime's home option, `diffusion_tf.runtime`);
+set DIFFUSION_TF_HOME to move it.
 """
 
 import argparse
@@ -30,7 +31,7 @@ def _folder_bytes(folder):
 def collect(devices=True):
     """The facts `info` prints, as a dict. `devices=False` skips importing TensorFlow."""
     import diffusion_tf
-    from diffusion_tf import presets
+    from diffusion_tf import presets, runtime
 
     cache = presets.cache_dir()
     usage = shutil.disk_usage(cache)
@@ -40,7 +41,7 @@ def collect(devices=True):
         "keras_backend": os.environ.get("KERAS_BACKEND"),
         "cache": {
             "folder": cache,
-            "set_by": "DIFFUSION_TF_HOME" if os.environ.get("DIFFUSION_TF_HOME") else "default (~/.cache/diffusion_tf)",
+            "set_by": "DIFFUSION_TF_HOME" if runtime.options().home else "default (~/.cache/diffusion_tf)",
             "free_bytes": usage.free,
         },
         "builtin_model": {"name": presets.BUILTIN_MODEL, "folder": presets.builtin_folder(),

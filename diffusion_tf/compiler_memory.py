@@ -4,39 +4,33 @@ that graph tracing and XLA compilation freed back to the operating system.
 Keeping large blocks (`keep_large_blocks`). glibc serves every allocation above its mmap
 threshold (at most 32 MiB by default) from a fresh mapping and unmaps it on free, and gives
 the top of its heap back above the trim threshold. An XLA call allocates its large
-temporaries anew on each call (at 512 px, 300 MB per UNet step), so each call faulted them
-in again: 74,000 page faults per 512 px UNet step, at about 3 us each on this kind of VM.
-`keep_large_blocks` raises both thresholds to `KEEP_BYTES`, so freed blocks stay in the
-heap and the next call reuses them without a fault. It made the Winograd filter transform
-at 640 channels 5x cheaper (33 -> 7 ms), so more convolutions now pay by Winograd (see
-`layers/conv2d.py`). The networks' `Model` base class calls it at a network's first call
-(not when built: the weights loaded in between would leave their freed blocks resident).
+temporaries anew on each call, so each call faulted them in again (tens of thousands of page
+faults per 512 px UNet step). `keep_large_blocks` raises both thresholds to `KEEP_BYTES`, so
+freed blocks stay in the heap and the next call reuses them without a fault. It also makes
+the Winograd filter transform cheap enough that more convolutions pay by Winograd (the wider
+bound of `layers/conv2d.py`, chosen by the same runtime option). It is set once per process,
+by `runtime.apply()`, where networks are ready for use: after their weights are loaded, so
+that the blocks freed while loading are not kept resident. On by default;
+`DIFFUSION_TF_KEEP_HEAP=0` (`runtime.Options.keep_heap`) turns it off. Peak memory of a whole
+generation is about the same either way (benchmarks/README.md, "Default: large heap blocks
+kept").
 
-It is on by default; `DIFFUSION_TF_KEEP_HEAP=0` turns it off. Memory: a whole 20-step
-512x512 generation peaked at 6.27 GiB resident (6.30 over two generations) with it, against
-6.24 with glibc's defaults and 6.33 for diffusers (2026-11-24). (An earlier reading of
-13 GiB, which had made it opt-in, was the benchmark's error: the child process reported its
-parent's ru_maxrss; see benchmarks/peak_memory.py.)
-
-Giving back. Compiling the SD 1.5 generation allocates and frees over a GiB in many small blocks.
-glibc keeps freed blocks in its heaps (one per thread that allocated, and the compiler runs
-on several threads), so the process kept them through the whole first generation, whose
-large buffers come from fresh mappings: 0.65 GiB of the peak resident memory of a 512x512
-generation was such free heap (`malloc_trim(0)` after the first call released it). While a
+Giving back (`released`). Compiling a generation allocates and frees over a GiB in many small
+blocks. glibc keeps freed blocks in its heaps (one per thread that allocated, and the compiler
+runs on several threads), so the process kept them through the whole first generation, whose
+large buffers come from fresh mappings, and they added to its peak resident memory. While a
 new function compiles and first runs, a thread checks every `interval` seconds how much free
 heap there is (`mallinfo2`) and calls `malloc_trim(0)` when it is at least `min_free`
 bytes, and calls it once more at the end. Trimming has a cost: the pages it gives back are
-faulted in again when the compiler allocates anew (trimming every 0.5 s unconditionally made
-the first call of the tiny test pipeline about 9% slower, 20.9 against 19.1 s over five
-alternating runs), so small heaps are left alone. No effect (and no cost) where the C
+faulted in again when the compiler allocates anew (trimming unconditionally made a first call
+measurably slower), so small heaps are left alone. No effect (and no cost) where the C
 library has no `malloc_trim` (macOS, Windows, musl); without `mallinfo2` (glibc < 2.33) it
-trims on every tick.
+trims on every tick. Measurements: benchmarks/README.md, "Figures behind the code's rules".
 """
 
 import contextlib
 import ctypes
 import ctypes.util
-import os
 import sys
 import threading
 
@@ -80,20 +74,15 @@ KEEP_BYTES = 2**30
 _kept = None
 
 
-def enabled():
-    """Whether this process keeps large heap blocks: yes unless DIFFUSION_TF_KEEP_HEAP=0."""
-    return os.environ.get("DIFFUSION_TF_KEEP_HEAP", "1") != "0"
-
-
 def keep_large_blocks():
     """Keep freed blocks up to KEEP_BYTES in glibc's heap instead of unmapping them (see the
-    module docstring); once per process, unless DIFFUSION_TF_KEEP_HEAP=0. Returns whether
-    the setting is in effect: False when turned off or where the C library has no glibc
+    module docstring); once per process (call `runtime.apply()`, which honours the keep_heap
+    option). Returns whether the setting is in effect: False where the C library has no glibc
     `mallopt`."""
     global _kept
     if _kept is None:
         _kept = False
-        if enabled() and MALLOPT is not None:
+        if MALLOPT is not None:
             # The mmap threshold first: where it is refused, nothing has changed (setting the
             # trim threshold alone would turn off glibc's own adaptation of both).
             _kept = MALLOPT(M_MMAP_THRESHOLD, KEEP_BYTES) == 1 and MALLOPT(M_TRIM_THRESHOLD, KEEP_BYTES) == 1

@@ -2,6 +2,7 @@
 
 import os
 
+from diffusion_tf import runtime
 from diffusion_tf.clip_tokenizer import CLIPTokenizer
 from diffusion_tf.model_folder import read_config, weights_path
 from diffusion_tf.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
@@ -15,7 +16,9 @@ BUILDERS = {
 
 
 def build_model(component, config, dtype=None, **overrides):
-    """An unweighted model of `component` with all variables created."""
+    """An unweighted model of `component` with all variables created. It changes no process
+    state (the converter builds networks it never calls): code that then runs the network
+    calls `runtime.apply()` once its weights are in place, as `load_folder` does."""
     kwargs = dict(overrides, name=component)
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -56,10 +59,12 @@ def load_tokenizer(folder, config):
 
 
 def load_folder(folder, attention=None, dtype=None):
-    """{"config", "tokenizer", "text_encoder", "unet", "vae"} of a model folder.
+    """{"config", "tokenizer", "text_encoder", "unet", "vae"} of a model folder, ready for use.
 
     `attention`: "standard" or "linear" for the UNet's self-attention; None keeps the
-    folder's own (its unet config's "attention", standard when absent).
+    folder's own (its unet config's "attention", standard when absent). The runtime's heap
+    setting is applied after the weights are loaded (`runtime.apply()`), so that the blocks
+    freed while loading are not kept resident.
     """
     config = read_config(folder)
     out = {"config": config, "tokenizer": load_tokenizer(folder, config)}
@@ -68,4 +73,5 @@ def load_folder(folder, attention=None, dtype=None):
         model = build_model(component, config[component], dtype, **overrides)
         load_weights(model, weights_path(folder, component))
         out[component] = model
+    runtime.apply()
     return out

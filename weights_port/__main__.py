@@ -1,6 +1,7 @@
 """python -m weights_port SRC DST [--config FOLDER_OR_PRESET] [--prediction-type ...] [--dtype ...]"""
 
 import argparse
+import os
 import sys
 
 from weights_port.errors import CheckpointError
@@ -28,13 +29,27 @@ def build_parser():
     return p
 
 
+def config_argument(value):
+    """(config, config_name) for convert_checkpoint from --config: a folder as given, a preset
+    name as its configs (the converter itself takes no preset names), nothing as None.
+    ValueError naming an unknown preset and listing the valid ones."""
+    if not value:
+        return None, None
+    if os.path.isdir(value):
+        return value, None
+    from diffusion_tf.presets import registry
+
+    return registry.get_preset(value)["configs"], value
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from weights_port.convert import convert_checkpoint
 
     try:
+        config, config_name = config_argument(args.config)
         convert_checkpoint(
-            args.src, args.dst, config=args.config, prediction_type=args.prediction_type,
+            args.src, args.dst, config=config, config_name=config_name, prediction_type=args.prediction_type,
             dtype=args.dtype, overwrite=args.overwrite,
         )
     except (CheckpointError, ValueError) as e:

@@ -90,17 +90,48 @@ def folder_configs(folder):
     if os.path.isdir(tokenizer):
         configs["tokenizer"] = CLIPTokenizer.from_folder(tokenizer).get_config()
     else:
-        configs["tokenizer"] = {"pad_token_id": 49407, "context_length": 77}
+        configs["tokenizer"] = dict(DEFAULT_TOKENIZER)
     return configs
 
 
-def _named_configs(config):
-    """--config: a diffusers-style folder or a preset name."""
-    if os.path.isdir(config):
-        return folder_configs(config)
-    from diffusion_tf import presets
+CONFIG_SECTIONS = COMPONENTS + ("scheduler", "tokenizer")
+DEFAULT_TOKENIZER = {"pad_token_id": 49407, "context_length": 77}
 
-    return {k: dict(v) for k, v in presets.get_preset(config)["configs"].items()}
+
+def given_configs(config):
+    """The configs that `config` describes, as fresh dicts: a diffusers-style folder
+    (`folder_configs`) or a dict {"text_encoder", "unet", "vae"[, "scheduler", "tokenizer"]}
+    of config dicts (a preset's "configs"; the scheduler and tokenizer default as for a
+    folder). ValueError naming the value otherwise: preset names are looked up above this
+    package (`python -m weights_port --config NAME`, `diffusion_tf.presets`)."""
+    if isinstance(config, (str, os.PathLike)):
+        if os.path.isdir(config):
+            return folder_configs(config)
+        raise ValueError(
+            f"config={os.fspath(config)!r} is not a folder; pass a diffusers-style folder or a dict of "
+            f"configs with keys {', '.join(CONFIG_SECTIONS)} (a preset's configs: "
+            "diffusion_tf.presets.get_preset(NAME)['configs'], or `python -m weights_port SRC DST --config NAME`)."
+        )
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"config={config!r} ({type(config).__name__}); must be a diffusers-style folder or a dict of configs "
+            f"with keys {', '.join(CONFIG_SECTIONS)}."
+        )
+    missing = [k for k in COMPONENTS if k not in config]
+    unknown = sorted(set(config) - set(CONFIG_SECTIONS))
+    bad = [k for k in CONFIG_SECTIONS if k in config and not isinstance(config[k], dict)]
+    if missing or unknown or bad:
+        raise ValueError(
+            f"config has keys {sorted(config)}"
+            + (f", lacking {', '.join(missing)}" if missing else "")
+            + (f", with unknown {', '.join(unknown)}" if unknown else "")
+            + (f", and {', '.join(bad)} not dicts" if bad else "")
+            + f"; allowed keys: {', '.join(CONFIG_SECTIONS)} (text_encoder, unet and vae required), each a dict."
+        )
+    out = {k: dict(v) for k, v in config.items()}
+    out.setdefault("scheduler", dict(SD_SCHEDULER))
+    out.setdefault("tokenizer", dict(DEFAULT_TOKENIZER))
+    return out
 
 
 def _clean_scheduler(config, prediction_type):
@@ -112,16 +143,29 @@ def _clean_scheduler(config, prediction_type):
     return out
 
 
+def _config_label(config, config_name):
+    """How messages name the architecture given: as the user spelled it on the command line."""
+    if config_name is not None:
+        return f"--config {config_name!r}"
+    return f"--config {os.fspath(config)!r}" if isinstance(config, (str, os.PathLike)) else "the config dict"
+
+
 def _family(configs):
     te = configs["text_encoder"]
     return "sd2" if te.get("hidden_act") == "gelu" else "sd1"
 
 
 # ---------------------------------------------------------------- conversion
-def _build(configs):
+def build_models(configs):
+    """{component: unweighted network with all variables created} for `configs` (as from
+    `given_configs`); networks built only to receive weights (no process state changes)."""
     from diffusion_tf.components import build_model
 
     return {c: build_model(c, configs[c]) for c in COMPONENTS}
+
+
+# The former private name, still called by tests/support/tiny_models.py: remove with that call.
+_build = build_models
 
 
 def _tables(models, configs, single_file, family):
@@ -176,8 +220,14 @@ def _assign(models, tables, sources, what, log=_log):
     return used
 
 
-def convert_checkpoint(src, dst, config=None, prediction_type=None, dtype="float32", overwrite=False, log=_log):
-    """Convert `src` (diffusers folder, .safetensors or .ckpt) into a model folder at `dst`."""
+def convert_checkpoint(src, dst, config=None, prediction_type=None, dtype="float32", overwrite=False, log=_log,
+                       config_name=None):
+    """Convert `src` (diffusers folder, .safetensors or .ckpt) into a model folder at `dst`.
+
+    `config`: the architecture, a diffusers-style folder or a dict of configs (`given_configs`);
+    None reads it from a diffusers `src` or infers it from a single file's key shapes.
+    `config_name`: what messages call `config` (the CLI passes the preset name it looked up).
+    """
     from diffusion_tf.model_folder import write_folder
 
     if dtype not in DTYPES:
@@ -194,12 +244,12 @@ def convert_checkpoint(src, dst, config=None, prediction_type=None, dtype="float
         tensors = read_checkpoint(src)
         shapes = {k: v.shape for k, v in tensors.items()}
         family = describe(shapes)
-        configs = _named_configs(config) if config else infer_configs(shapes)
-        if config and _family(configs) != family:
+        configs = given_configs(config) if config is not None else infer_configs(shapes)
+        if config is not None and _family(configs) != family:
             raise CheckpointError(
                 f"{src} looks like an {family.upper()}.x checkpoint "
-                f"({'OpenCLIP' if family == 'sd2' else 'CLIP ViT-L'} text encoder) but --config "
-                f"{config!r} describes an {_family(configs).upper()}.x model."
+                f"({'OpenCLIP' if family == 'sd2' else 'CLIP ViT-L'} text encoder) but "
+                f"{_config_label(config, config_name)} describes an {_family(configs).upper()}.x model."
             )
         sources = {c: tensors for c in COMPONENTS}
     else:
@@ -207,7 +257,7 @@ def convert_checkpoint(src, dst, config=None, prediction_type=None, dtype="float
             raise CheckpointError(
                 f"{src!r} is a folder but not a diffusers model folder (no unet/config.json)."
             )
-        configs = _named_configs(config) if config else folder_configs(src)
+        configs = given_configs(config) if config is not None else folder_configs(src)
         family = _family(configs)
         sources = {c: _component_weights(os.path.join(src, c)) for c in COMPONENTS}
         if os.path.isfile(os.path.join(src, "tokenizer", "vocab.json")):
@@ -215,7 +265,7 @@ def convert_checkpoint(src, dst, config=None, prediction_type=None, dtype="float
     configs["scheduler"] = _clean_scheduler(configs["scheduler"], prediction_type)
 
     log(f"building the {family.upper()}.x architecture")
-    models = _build(configs)
+    models = build_models(configs)
     tables = _tables(models, configs, single_file, family)
     used = _assign(models, tables, sources, src, log)
 

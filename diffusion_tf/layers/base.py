@@ -6,17 +6,14 @@ UNet take seconds even at tiny sizes. Our layers create their variables through
 their sublayers (Dense, Conv2D, ...), which build themselves when first called,
 so `build` has nothing to do.
 
-Calling a network (`Model`, outside `build_weights`) also keeps glibc from unmapping large
-freed blocks between calls, unless DIFFUSION_TF_KEEP_HEAP=0
-(`compiler_memory.keep_large_blocks`): XLA's temporaries are then reused instead of
-faulted in again at every call.
+Networks change no process-wide state when called: the heap setting that suits them
+(`runtime.apply()`) is applied where they are made ready for use
+(`components.load_folder`), so that a network computes the same way whatever ran before.
 """
 
 import contextlib
 
 import keras
-
-from diffusion_tf import compiler_memory
 
 
 class Layer(keras.layers.Layer):
@@ -27,16 +24,11 @@ class Layer(keras.layers.Layer):
 class Model(keras.Model):
     _creating_variables = False
 
-    def __call__(self, *args, **kwargs):
-        # At the first real call, not the one in `build_weights`: loading the weights in
-        # between frees large blocks that would otherwise stay resident.
-        if not self._creating_variables:
-            compiler_memory.keep_large_blocks()
-        return super().__call__(*args, **kwargs)
-
     @contextlib.contextmanager
     def creating_variables(self):
-        """Marks the small forward pass of `build_weights`, which creates the variables."""
+        """Marks the small forward pass of `build_weights`, which creates the variables.
+        Nothing reads the mark since the heap setting left `__call__`; the models' `build_weights`
+        still enter it (remove both together)."""
         self._creating_variables = True
         try:
             yield

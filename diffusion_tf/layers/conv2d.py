@@ -12,42 +12,40 @@ product becomes 36 matrix products [tiles, C_in] x [C_in, C_out]. The transforms
 Toom-Cook matrices for the interpolation points (0, 1, -1, 1/2, -2, inf), built exactly
 with fractions below. The choice of points sets the float32 error (Barabasz et al., "Error
 analysis and improving the accuracy of Winograd convolution for deep neural networks",
-2020); measured here, 1/2 and -2 instead of Lavin's 2 and -2 put one convolution about
-7e-6 of its largest output away from a float64 one, against 2e-5 (direct: 3e-7).
+2020): 1/2 and -2 instead of Lavin's 2 and -2 put one convolution several times closer to a
+float64 one (measured: benchmarks/README.md, "Figures behind the code's rules").
 
 The filter transform G g G^T runs inside every call (the weights stay the checkpoint's
 [3, 3, C_in, C_out] kernel, no 4x larger copy), so Winograd pays only when there are many
 output pixels per weight; `winograd_applies` picks those convolutions from the static
-shapes (benchmarks/micro/winograd_conv.py: a 3x3 convolution at 2x32x32x320 takes 13.4 ms
-instead of 23.2, 2x64x64x320 67.4 instead of 87.9, 1x128x128x512 317 instead of 514, on
-2 EPYC cores under XLA). Float32 only; set DIFFUSION_TF_WINOGRAD=0 (before the first
-call) for the direct convolution everywhere.
+shapes and the runtime options. Float32 only; `DIFFUSION_TF_WINOGRAD=0`
+(`runtime.Options.winograd`, read when a convolution is traced) gives the direct
+convolution everywhere.
 """
 
-import os
 from fractions import Fraction
 
 import keras
 import numpy as np
 from keras import ops
 
-from diffusion_tf import compiler_memory
+from diffusion_tf import runtime
 
 OUTPUT_TILE = 4
 POINTS = (0, 1, -1, Fraction(1, 2), -2)
-# Shape rule, measured (see the module docstring): at least MIN_PIXELS output pixels
-# (batch x height x width), at least MIN_CHANNELS input and output channels (below, the
-# input and output transforms outweigh the saved multiplications: 1x512x512x128 is 1.2x
-# slower), and at most MAX_WEIGHTS_PER_PIXEL kernel channel pairs per output pixel (above,
-# the per-call filter transform outweighs them). The filter transform's cost depends on
-# the heap: with glibc's defaults its 4x larger output is faulted in at every call
-# (2x16x16x1280 was 2x slower, 2x32x32x640 no faster); with large blocks kept
-# (`compiler_memory.keep_large_blocks`, the default) 2x32x32x640 -> 640 is 1.6x
-# faster, 960 -> 640 2.0x, 1280 -> 640 and 1920 -> 640 1.0-1.05x and 2x16x16x640 1.1x, so
-# the bound rises to MAX_WEIGHTS_PER_PIXEL_KEPT (benchmarks/micro/winograd_conv.py, 2026-11-24).
+# Shape rule (benchmarks/micro/winograd_conv.py; figures in benchmarks/README.md): at least
+# MIN_PIXELS output pixels (batch x height x width) and MIN_CHANNELS input and output channels
+# (below, the input and output transforms outweigh the saved multiplications), and at most
+# MAX_WEIGHTS_PER_PIXEL kernel channel pairs per output pixel (above, the per-call filter
+# transform outweighs them). The filter transform's cost depends on the heap: with glibc's
+# defaults its 4x larger output is faulted in at every call; with large blocks kept
+# (`compiler_memory.keep_large_blocks`) it is reused, and convolutions up to
+# MAX_WEIGHTS_PER_PIXEL_KEPT pairs per pixel pay. The bound follows the keep_heap runtime
+# option, not whether the heap setting has been applied yet, so that a convolution's path
+# (and its float rounding) is the same whenever it is traced.
 # Memory: the tile tensors are 2.25x the input and the output, so inputs above
-# MAX_INPUT_BYTES stay direct (in the VAE decoder at 512 px, the 256x256 convolutions by
-# Winograd raised the peak memory of a whole generation by 1.2 GiB).
+# MAX_INPUT_BYTES stay direct (by Winograd, the VAE decoder's largest levels raised the peak
+# memory of a whole generation).
 MIN_PIXELS = 2048
 MIN_CHANNELS = 256
 MAX_WEIGHTS_PER_PIXEL = 128
@@ -134,13 +132,16 @@ def winograd_conv3x3(x, kernel):
     return ops.reshape(y, (b, h, w, c_out))
 
 
-def winograd_enabled():
-    return os.environ.get("DIFFUSION_TF_WINOGRAD", "1") != "0"
+def winograd_enabled(options=None):
+    """Whether Winograd convolutions are on (`options`: a runtime.Options, default this
+    process's)."""
+    return (options or runtime.options()).winograd
 
 
-def winograd_applies(input_shape, kernel_shape):
+def winograd_applies(input_shape, kernel_shape, options=None):
     """Whether a stride-1 'same' convolution of these static shapes is faster by Winograd
-    (an unknown batch counts as 1), with the heap as it is now (see the shape rule)."""
+    (an unknown batch counts as 1) under `options` (a runtime.Options, default this
+    process's): its keep_heap option selects the bound on channel pairs per pixel."""
     _, h, w, c_in = input_shape
     kh, kw, _, c_out = kernel_shape
     if (kh, kw) != (3, 3) or not isinstance(h, int) or not isinstance(w, int):
@@ -148,7 +149,7 @@ def winograd_applies(input_shape, kernel_shape):
     if h % OUTPUT_TILE or w % OUTPUT_TILE:
         return False
     pixels = (input_shape[0] if isinstance(input_shape[0], int) else 1) * h * w
-    per_pixel = MAX_WEIGHTS_PER_PIXEL_KEPT if compiler_memory.large_blocks_kept() else MAX_WEIGHTS_PER_PIXEL
+    per_pixel = MAX_WEIGHTS_PER_PIXEL_KEPT if (options or runtime.options()).keep_heap else MAX_WEIGHTS_PER_PIXEL
     return (pixels >= MIN_PIXELS and min(c_in, c_out) >= MIN_CHANNELS
             and c_in * c_out <= per_pixel * pixels and pixels * c_in * 4 <= MAX_INPUT_BYTES)
 
@@ -158,8 +159,9 @@ class Conv2D(keras.layers.Conv2D):
     convolutions run as Winograd F(4x4, 3x3) when `winograd_applies`."""
 
     def convolution_op(self, inputs, kernel):
+        options = runtime.options()
         if (
-            winograd_enabled()
+            winograd_enabled(options)
             and self.strides == (1, 1)
             and self.dilation_rate == (1, 1)
             and self.padding == "same"
@@ -167,7 +169,7 @@ class Conv2D(keras.layers.Conv2D):
             and self.groups == 1
             and keras.backend.standardize_dtype(inputs.dtype) == "float32"
             and keras.backend.standardize_dtype(kernel.dtype) == "float32"
-            and winograd_applies(tuple(inputs.shape), tuple(kernel.shape))
+            and winograd_applies(tuple(inputs.shape), tuple(kernel.shape), options)
         ):
             return winograd_conv3x3(inputs, kernel)
         return super().convolution_op(inputs, kernel)

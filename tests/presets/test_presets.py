@@ -6,12 +6,12 @@ import os
 import pathlib
 import subprocess
 import sys
-import types
 
 import pytest
 
-from diffusion_tf import presets
-from diffusion_tf.presets import PresetUnavailableError
+import weights_port
+from diffusion_tf import presets, runtime
+from diffusion_tf.presets import PresetUnavailableError, registry
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PRESET_DIR = ROOT / "diffusion_tf" / "presets"
@@ -45,14 +45,14 @@ SHORT_HASHES = {"sd-v1-5": "6ce0161689", "sd-v2-1": "dcd690123c", "sd-v2-1-base"
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIFFUSION_TF_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
+def home(tmp_path):
+    with runtime.overridden(home=str(tmp_path / "home")):
+        yield tmp_path / "home"
 
 
 def patch_checkpoint(monkeypatch, name, **changes):
-    """Make get_preset(name) report a different checkpoint (url, sha256, ...)."""
-    real = presets.get_preset
+    """Make the registry report a different checkpoint (url, sha256, ...) for preset `name`."""
+    real = registry.get_preset
 
     def fake(n):
         preset = real(n)
@@ -60,7 +60,7 @@ def patch_checkpoint(monkeypatch, name, **changes):
             preset["checkpoint"].update(changes)
         return preset
 
-    monkeypatch.setattr(presets, "get_preset", fake)
+    monkeypatch.setattr(registry, "get_preset", fake)
 
 
 def fill_folder(folder, skip=None):
@@ -190,10 +190,26 @@ def test_cache_dir_honours_env(home):
 
 
 def test_cache_dir_default(tmp_path, monkeypatch):
-    monkeypatch.delenv("DIFFUSION_TF_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert presets.cache_dir() == str(tmp_path / ".cache" / "diffusion_tf")
+    with runtime.overridden(home=None):
+        assert presets.cache_dir() == str(tmp_path / ".cache" / "diffusion_tf")
     assert (tmp_path / ".cache" / "diffusion_tf").is_dir()
+
+
+def test_cache_dir_is_the_home_read_once(tmp_path):
+    """DIFFUSION_TF_HOME is read once, in a fresh process: changing it later moves nothing."""
+    code = (
+        "import os, diffusion_tf.presets as p\n"
+        "first = p.cache_dir()\n"
+        "os.environ['DIFFUSION_TF_HOME'] = os.path.join(os.environ['DIFFUSION_TF_HOME'], 'later')\n"
+        "assert p.cache_dir() == first, (first, p.cache_dir())\n"
+        "print(first)\n"
+    )
+    env = dict(os.environ, DIFFUSION_TF_HOME=str(tmp_path / "h"),
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(tmp_path / "h")
 
 
 def test_preset_folder(home):
@@ -231,9 +247,9 @@ def test_download_false(home):
 
 def test_unpinned_checkpoint_is_never_downloaded(home, monkeypatch):
     patch_checkpoint(monkeypatch, "sd-v1-5", sha256=None, url="http://127.0.0.1:9/x")
-    monkeypatch.setattr(presets, "_download", lambda *a: pytest.fail("downloaded an unpinned file"))
-    with pytest.raises(PresetUnavailableError, match="no pinned sha256"):
+    with pytest.raises(PresetUnavailableError, match="no pinned sha256"):  # not "downloading ... failed"
         presets.ensure_preset("sd-v1-5")
+    assert downloads(home) == []
 
 
 def test_wrong_sha256_deletes_the_file(home, tmp_path, monkeypatch):
@@ -275,25 +291,22 @@ def test_download_and_convert(home, tmp_path, monkeypatch):
     )
     calls = []
 
-    def fake_convert(src_path, dst, config=None, prediction_type=None, dtype="float32", overwrite=False):
-        calls.append((src_path, dst, config))
+    def fake_convert(src_path, dst, config=None, prediction_type=None, dtype="float32", overwrite=False,
+                     config_name=None):
+        calls.append((src_path, dst, config, config_name))
         with open(src_path, "rb") as f:
             assert f.read() == payload
         fill_folder(dst)
         return dst
 
-    try:
-        import weights_port.convert as convert_module
-    except ImportError:  # not written yet: stand in a module
-        convert_module = types.ModuleType("weights_port.convert")
-        convert_module.convert_checkpoint = None
-        monkeypatch.setitem(sys.modules, "weights_port.convert", convert_module)
-    monkeypatch.setattr(convert_module, "convert_checkpoint", fake_convert)
+    monkeypatch.setattr(weights_port, "convert_checkpoint", fake_convert)
 
     folder = presets.ensure_preset("sd-v2-1-base")
     assert folder == str(home / "models" / "sd-v2-1-base")
     assert presets.is_cached("sd-v2-1-base")
-    assert calls == [(str(home / "downloads" / "v2-1_512-ema-pruned.safetensors"), folder, "sd-v2-1-base")]
+    # The converter gets the preset's configs (it takes no preset names); the name is for its messages.
+    configs = presets.get_preset("sd-v2-1-base")["configs"]
+    assert calls == [(str(home / "downloads" / "v2-1_512-ema-pruned.safetensors"), folder, configs, "sd-v2-1-base")]
     assert downloads(home) == ["v2-1_512-ema-pruned.safetensors"]
     # Cached now: no second download or conversion.
     assert presets.ensure_preset("sd-v2-1-base") == folder
@@ -310,3 +323,62 @@ def test_import_does_not_load_tensorflow_or_keras():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+# ---------------------------------------------------------------- resolve_model
+
+
+def test_resolve_model_folder_builtin_and_presets(home, tmp_path):
+    from diffusion_tf.presets.resolve import resolve_model
+
+    assert resolve_model(tmp_path) == str(tmp_path)  # a folder, str or PathLike
+    if presets.builtin_available():
+        assert resolve_model("shapes") == presets.builtin_folder()
+    else:
+        with pytest.raises(ValueError, match="built-in shapes model's weights are not installed"):
+            resolve_model("shapes")
+    fill_folder(home / "models" / "sd-v2-1")
+    assert resolve_model("sd-v2-1", download=False) == str(home / "models" / "sd-v2-1")
+    with pytest.raises(PresetUnavailableError, match="download=False"):
+        resolve_model("sd-v1-5", download=False)
+
+
+def test_resolve_model_default_logs_its_note(home):
+    from diffusion_tf.presets.resolve import resolve_model
+
+    notes = []
+    if presets.builtin_available():
+        assert resolve_model(None, log=notes.append) == presets.builtin_folder()
+    else:
+        with pytest.raises(PresetUnavailableError):
+            resolve_model(None, download=False, log=notes.append)
+    assert len(notes) == 1 and notes[0] == presets.default_model()[1]
+    fill_folder(home / "models" / "sd-v1-5")
+    assert resolve_model(None) == str(home / "models" / "sd-v1-5")
+
+
+@pytest.mark.parametrize("bad, message", [
+    (15, "must be a model folder, a preset name or None"),
+    ("sd-v9", "neither a model folder nor a preset; presets: shapes, sd-v1-5, sd-v2-1, sd-v2-1-base"),
+])
+def test_resolve_model_refuses_what_it_cannot_resolve(home, bad, message):
+    from diffusion_tf.presets.resolve import resolve_model
+
+    with pytest.raises(ValueError, match=message) as e:
+        resolve_model(bad)
+    assert repr(bad) in str(e.value)
+
+
+def test_the_converter_never_imports_presets():
+    """The layering: presets (resolution) import weights_port; weights_port's converter, and
+    everything under it, never import diffusion_tf.presets (only its CLI looks presets up)."""
+    import ast
+
+    for path in sorted((ROOT / "weights_port").glob("*.py")):
+        if path.name == "__main__.py":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+                  for a in n.names]
+        assert not [n for n in names if "presets" in n], (path.name, names)

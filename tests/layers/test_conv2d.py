@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from diffusion_tf import compiler_memory
+from diffusion_tf import runtime
 from diffusion_tf.layers import conv2d
 from diffusion_tf.layers.conv2d import Conv2D, toom_cook, winograd_applies
 
@@ -69,8 +69,8 @@ def test_winograd_convolution_matches_the_direct_one(monkeypatch):
         error = np.abs(out - reference).max() / scale
         assert 1e-8 < error < 2e-5, error  # not the direct convolution, and close to it
     assert len(calls) == 2
-    monkeypatch.setenv("DIFFUSION_TF_WINOGRAD", "0")
-    direct = np.asarray(layer(x))
+    with runtime.overridden(winograd=False):
+        direct = np.asarray(layer(x))
     assert len(calls) == 2
     np.testing.assert_array_equal(direct, np.asarray(tf.nn.conv2d(x, layer.kernel, 1, "SAME") + layer.bias))
 
@@ -95,13 +95,15 @@ def test_winograd_convolution_matches_the_direct_one(monkeypatch):
         ((2, 64, 64, 320), (1, 1, 320, 320), False, False),
     ],
 )
-def test_winograd_shape_rule(monkeypatch, input_shape, kernel_shape, applies, applies_kept):
-    """The bound on weights per pixel depends on whether large heap blocks are kept (the
-    filter transform's output is then not faulted in at every call)."""
-    monkeypatch.setattr(compiler_memory, "_kept", False)
-    assert winograd_applies(input_shape, kernel_shape) is applies
-    monkeypatch.setattr(compiler_memory, "_kept", True)
-    assert winograd_applies(input_shape, kernel_shape) is applies_kept
+def test_winograd_shape_rule(input_shape, kernel_shape, applies, applies_kept):
+    """The bound on weights per pixel follows the keep_heap option (with large heap blocks
+    kept, the filter transform's output is not faulted in at every call)."""
+    assert winograd_applies(input_shape, kernel_shape, runtime.Options(keep_heap=False)) is applies
+    assert winograd_applies(input_shape, kernel_shape, runtime.Options(keep_heap=True)) is applies_kept
+    with runtime.overridden(keep_heap=False):
+        assert winograd_applies(input_shape, kernel_shape) is applies
+    with runtime.overridden(keep_heap=True):
+        assert winograd_applies(input_shape, kernel_shape) is applies_kept
 
 
 def test_strided_half_precision_and_small_convolutions_stay_direct(monkeypatch):
@@ -114,3 +116,54 @@ def test_strided_half_precision_and_small_convolutions_stay_direct(monkeypatch):
     assert half(x).dtype == "float16"
     small = Conv2D(32, 3, padding="same")
     assert tuple(small(x[..., :32]).shape) == (2, 32, 32, 32)
+
+
+# In a fresh process: the same convolution (2x32x32x640, Winograd only under the wider bound
+# of the default keep_heap option) traced before any network ran, after a network's first
+# call, and after the heap setting was applied, takes the same path each time.
+SAME_PATH_SCRIPT = r"""
+import json, sys
+import numpy as np
+from diffusion_tf import compiler_memory, runtime
+from diffusion_tf.layers import conv2d
+from diffusion_tf.models import AutoencoderKL
+
+calls = []
+original = conv2d.winograd_conv3x3
+conv2d.winograd_conv3x3 = lambda *a: calls.append(1) or original(*a)
+x = np.ones((2, 32, 32, 640), np.float32)
+
+def path():
+    layer = conv2d.Conv2D(640, 3, padding="same")
+    n = len(calls)
+    layer(x)
+    return "winograd" if len(calls) > n else "direct"
+
+paths = [path()]
+vae = AutoencoderKL(block_out_channels=[8], layers_per_block=1, norm_num_groups=4, latent_channels=4)
+vae.build_weights()
+vae(np.zeros((1, 8, 8, 3), np.float32))
+paths.append(path())
+runtime.apply()
+paths.append(path())
+print(json.dumps({"paths": paths, "kept": compiler_memory.large_blocks_kept()}))
+"""
+
+
+@pytest.mark.parametrize("keep_heap, expected", [(None, "winograd"), ("0", "direct")])
+def test_the_same_convolution_takes_the_same_path_whatever_ran_before(keep_heap, expected):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k not in ("DIFFUSION_TF_KEEP_HEAP", "DIFFUSION_TF_WINOGRAD")}
+    env["PYTHONPATH"] = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
+    if keep_heap is not None:
+        env["DIFFUSION_TF_KEEP_HEAP"] = keep_heap
+    out = subprocess.run([sys.executable, "-c", SAME_PATH_SCRIPT], capture_output=True, text=True, env=env,
+                         cwd=root, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["paths"] == [expected] * 3, result

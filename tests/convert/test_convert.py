@@ -200,3 +200,34 @@ def test_cli_help_and_bad_arguments(capsys, tmp_path):
     assert "unsupported checkpoint extension" in capsys.readouterr().err
     assert run_cli([tmp_path, tmp_path / "out"]) == 2
     assert "not a diffusers model folder" in capsys.readouterr().err
+
+
+def test_configs_are_a_folder_or_a_dict_never_a_preset_name(sd1_file, tmp_path):
+    from weights_port.convert import build_models, convert_checkpoint, folder_configs, given_configs
+    from weights_port.errors import CheckpointError
+
+    configs = folder_configs(tiny_models.fixture_dir("tiny-sd1"))
+    given = given_configs(configs)
+    assert given == configs and given["unet"] is not configs["unet"]  # fresh dicts
+    partial = given_configs({c: configs[c] for c in ("text_encoder", "unet", "vae")})
+    assert set(partial) == {"text_encoder", "unet", "vae", "scheduler", "tokenizer"}
+    assert sorted(build_models(configs)) == ["text_encoder", "unet", "vae"]
+    dst = convert_checkpoint(sd1_file, str(tmp_path / "m"), config=configs, log=lambda *_: None)
+    assert sorted(os.listdir(dst)) == ["config.json", "text_encoder.weights.h5", "unet.weights.h5", "vae.weights.h5"]
+    with pytest.raises(ValueError, match=r"config='sd-v1-5' is not a folder.*get_preset\(NAME\)\['configs'\]"):
+        given_configs("sd-v1-5")
+    with pytest.raises(ValueError, match=r"lacking unet.*with unknown extra.*allowed keys: text_encoder, unet, vae"):
+        given_configs({"text_encoder": {}, "vae": {}, "extra": {}})
+    with pytest.raises(ValueError, match=r"config=7 \(int\); must be a diffusers-style folder or a dict"):
+        given_configs(7)
+    with pytest.raises(CheckpointError, match="but the config dict describes an SD2.x"):
+        convert_checkpoint(sd1_file, str(tmp_path / "x"), config=folder_configs(tiny_models.fixture_dir("tiny-sd2")))
+
+
+def test_cli_looks_preset_names_up_for_the_converter(sd1_file, tmp_path, capsys):
+    assert run_cli([sd1_file, tmp_path / "x", "--config", "sd-v2-1"]) == 2
+    assert "looks like an SD1.x checkpoint" in (err := capsys.readouterr().err)
+    assert "but --config 'sd-v2-1' describes an SD2.x model" in err
+    assert run_cli([sd1_file, tmp_path / "x", "--config", "sd-v9"]) == 2
+    assert "unknown preset 'sd-v9'; valid presets: sd-v1-5, sd-v2-1, sd-v2-1-base" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []

@@ -1,0 +1,50 @@
+"""Where models live on disk: the weights cache of converted presets, and the built-in model.
+
+    <cache>/downloads/<checkpoint filename>   the verified original checkpoint
+    <cache>/models/<preset>/                   the converted model folder
+
+`<cache>` is the runtime's home option (`$DIFFUSION_TF_HOME`), else `~/.cache/diffusion_tf`.
+"""
+
+import os
+
+from diffusion_tf import runtime
+from diffusion_tf.presets import registry
+
+# The files that make a model folder complete (see diffusion_tf/model_folder.py).
+_MODEL_FILES = ("config.json", "text_encoder.weights.h5", "unet.weights.h5", "vae.weights.h5")
+_BUILTIN_FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "shapes_model")
+
+
+def _complete(folder):
+    return all(os.path.isfile(os.path.join(folder, f)) for f in _MODEL_FILES)
+
+
+def builtin_folder():
+    """The model folder of the built-in "shapes" model (inside the installed package)."""
+    return _BUILTIN_FOLDER
+
+
+def builtin_available():
+    """True iff the built-in model's folder holds its config.json and weight files."""
+    return _complete(_BUILTIN_FOLDER)
+
+
+def cache_dir():
+    """The runtime's home option (`$DIFFUSION_TF_HOME`) if set, else `~/.cache/diffusion_tf`;
+    created if missing."""
+    root = runtime.options().home or os.path.join("~", ".cache", "diffusion_tf")
+    root = os.path.abspath(os.path.expanduser(root))
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
+def preset_folder(name):
+    """Where the converted model folder of preset `name` lives (whether or not it exists yet)."""
+    registry.get_preset(name)  # validates the name
+    return os.path.join(cache_dir(), "models", name)
+
+
+def is_cached(name):
+    """True iff the converted folder of `name` has its config.json and the three weight files."""
+    return _complete(preset_folder(name))

@@ -1,0 +1,104 @@
+"""diffusion_tf.runtime: the options read from the environment once, their overrides, and
+where the process-wide heap setting is applied."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from diffusion_tf import runtime
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({}, runtime.Options(winograd=True, keep_heap=True, home=None)),
+    ({"DIFFUSION_TF_WINOGRAD": "0", "DIFFUSION_TF_KEEP_HEAP": "0", "DIFFUSION_TF_HOME": "/w"},
+     runtime.Options(winograd=False, keep_heap=False, home="/w")),
+    ({"DIFFUSION_TF_WINOGRAD": "1", "DIFFUSION_TF_KEEP_HEAP": "", "DIFFUSION_TF_HOME": ""},
+     runtime.Options(winograd=True, keep_heap=True, home=None)),  # only "0" turns a flag off
+])
+def test_from_environ(environ, expected):
+    assert runtime.from_environ(environ) == expected
+
+
+def test_options_are_read_once_per_process():
+    code = (
+        "import json, os\n"
+        "from diffusion_tf import runtime\n"
+        "first = runtime.options()\n"
+        "os.environ.update(DIFFUSION_TF_WINOGRAD='1', DIFFUSION_TF_KEEP_HEAP='1', DIFFUSION_TF_HOME='/later')\n"
+        "assert runtime.options() is first\n"
+        "print(json.dumps([first.winograd, first.keep_heap, first.home]))\n"
+    )
+    env = dict(os.environ, DIFFUSION_TF_WINOGRAD="0", DIFFUSION_TF_KEEP_HEAP="0", DIFFUSION_TF_HOME="/first",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == [False, False, "/first"]
+
+
+def test_overridden_and_configure():
+    before = runtime.options()
+    with runtime.overridden(winograd=not before.winograd, home="/tmp/elsewhere") as inside:
+        assert runtime.options() is inside
+        assert inside.winograd is not before.winograd and inside.home == "/tmp/elsewhere"
+        assert inside.keep_heap is before.keep_heap
+    assert runtime.options() is before
+    try:
+        changed = runtime.configure(keep_heap=not before.keep_heap)
+        assert runtime.options() is changed and changed.keep_heap is not before.keep_heap
+    finally:
+        runtime.configure(**{f: getattr(before, f) for f in ("winograd", "keep_heap", "home")})
+    assert runtime.options() == before
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"winograd": "0"}, r"winograd='0'; must be True or False"),
+    ({"keep_heap": 1}, r"keep_heap=1; must be True or False"),
+    ({"home": ""}, r"home=''; must be a non-empty folder path or None"),
+    ({"home": 3}, r"home=3; must be a non-empty folder path or None"),
+    ({"heap": True}, r"unknown runtime option\(s\) heap; allowed: winograd, keep_heap, home"),
+])
+def test_bad_overrides_are_refused(changes, message):
+    before = runtime.options()
+    with pytest.raises(ValueError, match=message):
+        runtime.configure(**changes)
+    assert runtime.options() is before
+
+
+def test_home_accepts_a_path():
+    assert runtime.Options(home=pathlib.Path("/w")).home == "/w"
+
+
+def test_only_the_runtime_module_reads_its_variables():
+    import ast
+
+    names = {"DIFFUSION_TF_WINOGRAD", "DIFFUSION_TF_KEEP_HEAP", "DIFFUSION_TF_HOME"}
+    readers = set()
+    for package in ("diffusion_tf", "weights_port"):
+        for path in (ROOT / package).rglob("*.py"):
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            for node in ast.walk(tree):  # environ.get(NAME, ...), getenv(NAME), environ[NAME]
+                keys = node.args if isinstance(node, ast.Call) else [node.slice] if isinstance(node, ast.Subscript) else []
+                if any(isinstance(k, ast.Constant) and k.value in names for k in keys):
+                    readers.add(path.relative_to(ROOT).as_posix())
+    assert readers == {"diffusion_tf/runtime.py"}, readers
+
+
+def test_load_folder_applies_the_heap_setting_after_loading(monkeypatch):
+    from diffusion_tf import components, presets
+
+    if not presets.builtin_available():
+        pytest.skip("the built-in shapes model is not installed")
+    loaded, applied = [], []
+    real_load = components.load_weights
+    monkeypatch.setattr(components, "load_weights", lambda model, path: loaded.append(path) or real_load(model, path))
+    monkeypatch.setattr(runtime, "apply", lambda: applied.append(len(loaded)))
+    parts = components.load_folder(presets.builtin_folder())
+    assert applied == [3] and set(parts) >= {"text_encoder", "unet", "vae"}
+    components.build_model("vae", parts["config"]["vae"])
+    assert applied == [3]  # building a network changes no process state
