@@ -16,10 +16,9 @@ MAX_SCORE_BYTES = 256 * 2**20
 # Speed, not memory: a score block that the max, exp, sum and matmul passes find in cache is
 # faster even at the price of more loop iterations. Above CACHE_SCORE_BYTES of scores in
 # all, the loop runs over (batch element, head, chunk of queries) with HEAD_BLOCK_BYTES of
-# scores per iteration (at least MIN_CHUNK queries). Measured on a 2-core EPYC under XLA,
-# batch 2, 8 heads of 40 (benchmarks/micro/attention_chunks.py): 4096 tokens 697 -> 422 ms
-# (256 queries of one head per iteration, against 256 queries of all 16 heads), 1024 tokens
-# 37.4 -> 28.3 ms (all 1024 queries of one head, against 64 queries of all heads).
+# scores per iteration (at least MIN_CHUNK queries). Measured with
+# benchmarks/micro/attention_chunks.py (figures: benchmarks/README.md, "Figures behind the
+# code's rules").
 CACHE_SCORE_BYTES = 16 * 2**20
 HEAD_BLOCK_BYTES = 4 * 2**20
 MIN_CHUNK = 64
