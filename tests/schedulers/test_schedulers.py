@@ -87,7 +87,8 @@ def loop_case(name, config_name):
     config = {k: v for k, v in meta["config"].items() if k not in step_kwargs}
     from diffusion_tf import schedulers
 
-    return case, schedulers.get(meta["name"] if name == "ddim-eta1" else name, **config), step_kwargs, meta["stochastic"]
+    scheduler = schedulers.get(meta["name"] if name == "ddim-eta1" else name, **config)
+    return case, scheduler, step_kwargs, meta["stochastic"]
 
 
 def run_object(scheduler, steps, latents, noise, step_kwargs, stochastic):
@@ -96,7 +97,8 @@ def run_object(scheduler, steps, latents, noise, step_kwargs, stochastic):
 
     scheduler.set_timesteps(steps)
     x = ops.convert_to_tensor(latents) * scheduler.init_noise_sigma
-    return scheduler.timesteps, object_loop(scheduler, x, scheduler.timesteps, noise if stochastic else None, step_kwargs)
+    noise = noise if stochastic else None
+    return scheduler.timesteps, object_loop(scheduler, x, scheduler.timesteps, noise, step_kwargs)
 
 
 def img2img_begin(steps, strength, order):
