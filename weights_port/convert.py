@@ -164,9 +164,6 @@ def build_models(configs):
     return {c: build_model(c, configs[c]) for c in COMPONENTS}
 
 
-# The former private name, still called by tests/support/tiny_models.py: remove with that call.
-_build = build_models
-
 
 def _tables(models, configs, single_file, family):
     from diffusion_tf.state_dict import named_variables

@@ -11,8 +11,6 @@ Networks change no process-wide state when called: the heap setting that suits t
 (`components.load_folder`), so that a network computes the same way whatever ran before.
 """
 
-import contextlib
-
 import keras
 
 
@@ -22,18 +20,5 @@ class Layer(keras.layers.Layer):
 
 
 class Model(keras.Model):
-    _creating_variables = False
-
-    @contextlib.contextmanager
-    def creating_variables(self):
-        """Marks the small forward pass of `build_weights`, which creates the variables.
-        Nothing reads the mark since the heap setting left `__call__`; the models' `build_weights`
-        still enter it (remove both together)."""
-        self._creating_variables = True
-        try:
-            yield
-        finally:
-            self._creating_variables = False
-
     def build(self, input_shape=None):
         self.built = True

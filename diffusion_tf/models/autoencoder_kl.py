@@ -93,8 +93,7 @@ class AutoencoderKL(Model):
 
     def build_weights(self):
         side = 2 * self.downsampling_factor  # 2x2 latents: no attention over a single position
-        with self.creating_variables():
-            self(ops.zeros((1, side, side, self.in_channels)))
+        self(ops.zeros((1, side, side, self.in_channels)))
 
     def get_config(self):
         config = super().get_config()

@@ -159,8 +159,7 @@ class CLIPTextModel(Model):
         return tm.final_layer_norm(x)
 
     def build_weights(self):
-        with self.creating_variables():
-            self(ops.zeros((1, self.max_position_embeddings), dtype="int32"))
+        self(ops.zeros((1, self.max_position_embeddings), dtype="int32"))
 
     def get_config(self):
         config = super().get_config()

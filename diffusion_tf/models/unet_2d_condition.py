@@ -238,12 +238,11 @@ class UNet2DConditionModel(Model):
         """Creates every variable with one small forward pass."""
         side = 2 ** len(self.block_out_channels)  # 2x2 at the lowest level: no softmax over one position
         cross = per_block(self.cross_attention_dim, 1, "cross_attention_dim")[0]
-        with self.creating_variables():
-            self(
-                ops.zeros((1, side, side, self.in_channels)),
-                ops.zeros((1,)),
-                ops.zeros((1, 2, cross)),
-            )
+        self(
+            ops.zeros((1, side, side, self.in_channels)),
+            ops.zeros((1,)),
+            ops.zeros((1, 2, cross)),
+        )
 
     def get_config(self):
         config = super().get_config()

@@ -18,45 +18,13 @@ from keras import ops
 from diffusion_tf import compiler_memory, schedulers
 from diffusion_tf.components import load_folder
 from diffusion_tf.pipeline import editing, sampling
+from diffusion_tf.presets.resolve import resolve_model
 from diffusion_tf.pipeline.request import (  # noqa: F401  (MAX_*: public constants of this module)
     MAX_PIXELS, MAX_SEED, MAX_STEPS, GenerationRequest, check_attention, check_scheduler, check_size,
     negative_list, prompt_list,
 )
 
 OUTPUT_TYPES = ("np", "latent")
-
-
-def resolve_model(model, download=True, log=None):
-    """A model folder path from a folder, a preset name, "shapes" (the built-in model) or
-    None (the default: `presets.default_model()`, whose one-line note goes to `log`)."""
-    from diffusion_tf import presets
-
-    if model is None:
-        model, note = presets.default_model()
-        if log is not None:
-            log(note)
-        if model == presets.DEFAULT_PRESET:
-            return presets.ensure_preset(model, download=download)
-        return model
-    if not isinstance(model, (str, os.PathLike)):
-        raise ValueError(f"model={model!r}; must be a model folder, a preset name or None (the default).")
-    model = os.fspath(model)
-    if os.path.isdir(model):
-        return model
-    if model == presets.BUILTIN_MODEL:
-        if not presets.builtin_available():
-            raise ValueError(
-                f"model={model!r}: the built-in shapes model's weights are not installed in "
-                f"{presets.builtin_folder()!r}; train one with `python -m diffusion_tf.train` and pass its folder."
-            )
-        return presets.builtin_folder()
-    if model in presets.list_presets():
-        return presets.ensure_preset(model, download=download)
-    raise ValueError(
-        f"model={model!r} is neither a model folder nor a preset; presets: "
-        f"{', '.join([presets.BUILTIN_MODEL] + presets.list_presets())} (or convert a checkpoint with "
-        "`python -m weights_port SRC DST` and pass model=DST)."
-    )
 
 
 def _stderr_line(line):

@@ -34,10 +34,10 @@ def reference(name):
 
 
 def build_models(name):
-    from weights_port.convert import _build, folder_configs
+    from weights_port.convert import build_models, folder_configs
 
     configs = folder_configs(fixture_dir(name))
-    return configs, _build(configs)
+    return configs, build_models(configs)
 
 
 @functools.lru_cache(maxsize=None)
