@@ -39,9 +39,15 @@ CASES = [
 
 @pytest.fixture
 def empty_home(tmp_path, monkeypatch):
-    """DIFFUSION_TF_HOME pointing at an empty cache: Stable Diffusion is not downloaded."""
-    monkeypatch.setenv("DIFFUSION_TF_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
+    """An empty weights cache: Stable Diffusion is not downloaded. This process reads its
+    home once (`runtime.options`), so it is overridden there; child processes get it from
+    DIFFUSION_TF_HOME."""
+    from diffusion_tf import runtime
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("DIFFUSION_TF_HOME", str(home))
+    with runtime.overridden(home=str(home)):
+        yield home
 
 
 @pytest.fixture(scope="module")
