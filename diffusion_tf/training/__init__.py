@@ -48,7 +48,7 @@ Output, under `--save FOLDER`:
 Several visible GPUs, or several logical CPU devices, train under
 `tf.distribute.MirroredStrategy` (the global batch is split between the replicas).
 
-The modules, each with one job, lowest first (a module imports only ones above it in
+The modules, each with one job, lowest first (each imports only modules listed before it in
 this list): `files` (atomic writes), `options` (presets, TrainOptions, validation),
 `checkpoint` (the HDF5 checkpoint format), `plan` (the resume plan), `data` (batches and
 tf.data), `trainers` (LR schedule, EMA, the trainer models), `pictures` (loss plot,
