@@ -146,7 +146,7 @@ def caption_sensitivity(pipeline, n=64, seed=0, timesteps=SENSITIVITY_TIMESTEPS)
     Seconds for the small shapes model; `pipeline` is a 64x64 `Text2Image`."""
     from keras import ops
 
-    from diffusion_tf.schedulers.schedule import model_target
+    from diffusion_tf.schedulers.noise_schedule import model_target
 
     if (pipeline.img_height, pipeline.img_width) != (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE):
         raise ValueError(

@@ -3,7 +3,7 @@
 import numpy as np
 from keras import ops
 
-from diffusion_tf.schedulers.schedule import predicted_original_and_noise
+from diffusion_tf.schedulers.noise_schedule import predicted_original_and_noise
 from diffusion_tf.schedulers.scheduler import Scheduler, as_float
 
 
@@ -18,20 +18,11 @@ class DDIMScheduler(Scheduler):
 
     def __init__(
         self,
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        timestep_spacing="leading",
-        steps_offset=1,
         set_alpha_to_one=False,
         eta=0.0,
+        **config,
     ):
-        super().__init__(
-            num_train_timesteps, beta_start, beta_end, beta_schedule,
-            prediction_type, timestep_spacing, steps_offset,
-        )
+        super().__init__(**config)
         _check_eta(eta)
         self.set_alpha_to_one = set_alpha_to_one
         self.eta = eta

@@ -22,19 +22,10 @@ class DDPMScheduler(Scheduler):
 
     def __init__(
         self,
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        timestep_spacing="leading",
-        steps_offset=1,
         variance_type="fixed_small",
+        **config,
     ):
-        super().__init__(
-            num_train_timesteps, beta_start, beta_end, beta_schedule,
-            prediction_type, timestep_spacing, steps_offset,
-        )
+        super().__init__(**config)
         if variance_type not in VARIANCE_TYPES:
             raise ValueError(
                 f"variance_type={variance_type!r}; allowed: {', '.join(map(repr, VARIANCE_TYPES))}."

@@ -10,7 +10,7 @@ With lambda = log(alpha_t / sigma_t) and h = lambda_{i+1} - lambda_i:
 import numpy as np
 from keras import ops
 
-from diffusion_tf.schedulers import schedule
+from diffusion_tf.schedulers import noise_schedule as schedule
 from diffusion_tf.schedulers.scheduler import Scheduler, _gather, _per_sample, as_float
 
 SOLVER_TYPES = ("midpoint", "heun")
@@ -44,13 +44,6 @@ class DPMSolverMultistepScheduler(Scheduler):
 
     def __init__(
         self,
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        timestep_spacing="leading",
-        steps_offset=1,
         solver_order=2,
         algorithm_type="dpmsolver++",
         solver_type="midpoint",
@@ -59,11 +52,9 @@ class DPMSolverMultistepScheduler(Scheduler):
         use_karras_sigmas=False,
         final_sigmas_type="zero",
         lambda_min_clipped=-float("inf"),
+        **config,
     ):
-        super().__init__(
-            num_train_timesteps, beta_start, beta_end, beta_schedule,
-            prediction_type, timestep_spacing, steps_offset,
-        )
+        super().__init__(**config)
         schedule._check("algorithm_type", algorithm_type, ("dpmsolver++",))
         schedule._check("solver_order", solver_order, (1, 2))
         schedule._check("solver_type", solver_type, SOLVER_TYPES)

@@ -1,7 +1,7 @@
 """Euler: Karras et al., "Elucidating the Design Space of Diffusion-Based Generative Models"
 (2022), Algorithm 2 without churn: dx/dsigma = (x - D(x; sigma)) / sigma, one Euler step."""
 
-from diffusion_tf.schedulers import schedule
+from diffusion_tf.schedulers import noise_schedule as schedule
 from diffusion_tf.schedulers.scheduler import SigmaScheduler, as_float, reject_integer_timestep
 
 
@@ -16,20 +16,11 @@ class EulerDiscreteScheduler(SigmaScheduler):
 
     def __init__(
         self,
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        timestep_spacing="leading",
-        steps_offset=1,
         use_karras_sigmas=False,
         final_sigmas_type="zero",
+        **config,
     ):
-        super().__init__(
-            num_train_timesteps, beta_start, beta_end, beta_schedule,
-            prediction_type, timestep_spacing, steps_offset, use_karras_sigmas=use_karras_sigmas,
-        )
+        super().__init__(use_karras_sigmas=use_karras_sigmas, **config)
         schedule._check("final_sigmas_type", final_sigmas_type, schedule.FINAL_SIGMAS_TYPES)
         self.final_sigmas_type = final_sigmas_type
 

@@ -13,21 +13,6 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
 
     name = "euler_a"
 
-    def __init__(
-        self,
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        timestep_spacing="leading",
-        steps_offset=1,
-    ):
-        super().__init__(
-            num_train_timesteps, beta_start, beta_end, beta_schedule,
-            prediction_type, timestep_spacing, steps_offset,
-        )
-
     @property
     def stochastic(self):
         return True

@@ -20,22 +20,6 @@ class HeunDiscreteScheduler(SigmaScheduler):
     karras = True
     order = 2  # `step` runs once per entry of `timesteps`: predictor, then corrector
 
-    def __init__(
-        self,
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        timestep_spacing="leading",
-        steps_offset=1,
-        use_karras_sigmas=False,
-    ):
-        super().__init__(
-            num_train_timesteps, beta_start, beta_end, beta_schedule,
-            prediction_type, timestep_spacing, steps_offset, use_karras_sigmas=use_karras_sigmas,
-        )
-
     def _schedule(self, num_steps):
         timesteps, sigmas = self._sigma_schedule(num_steps)
         # every sigma but the first and the last twice: [s0, s1, s1, ..., s_{N-1}, s_{N-1}, 0]

@@ -21,19 +21,10 @@ class PNDMScheduler(Scheduler):
 
     def __init__(
         self,
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        timestep_spacing="leading",
-        steps_offset=1,
         set_alpha_to_one=False,
+        **config,
     ):
-        super().__init__(
-            num_train_timesteps, beta_start, beta_end, beta_schedule,
-            prediction_type, timestep_spacing, steps_offset,
-        )
+        super().__init__(**config)
         self.set_alpha_to_one = set_alpha_to_one
         self.final_alpha_cumprod = np.float32(1.0 if set_alpha_to_one else self.alphas_cumprod[0])
 

@@ -42,7 +42,7 @@ import inspect
 import numpy as np
 from keras import ops
 
-from diffusion_tf.schedulers import schedule
+from diffusion_tf.schedulers import noise_schedule as schedule
 
 # diffusers config fields whose non-default values would change the result and are not
 # implemented: `from_config` raises a ValueError for them. Every other field that is not
@@ -286,15 +286,28 @@ class Scheduler:
         return a**0.5 * original + (1 - a) ** 0.5 * noise
 
     # ------------------------------------------------------------ config
+    @classmethod
+    def config_fields(cls):
+        """{field: default} of the class's config: the keyword parameters of its `__init__` and
+        of its bases' (a subclass names only its own fields and passes the rest on)."""
+        fields = {}
+        for klass in reversed(cls.__mro__):
+            init = klass.__dict__.get("__init__")
+            if init is None or klass is object:
+                continue
+            for name, p in inspect.signature(init).parameters.items():
+                if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                    fields[name] = p.default
+        return fields
+
     def get_config(self):
-        params = inspect.signature(type(self).__init__).parameters
-        return {k: getattr(self, k) for k in params if k != "self"}
+        return {k: getattr(self, k) for k in self.config_fields()}
 
     @classmethod
     def from_config(cls, config, **overrides):
         """Built from a diffusers-style config: its own fields are used, bookkeeping and
         other algorithms' fields ignored; an unsupported feature switched on is a ValueError."""
-        params = inspect.signature(cls.__init__).parameters
+        params = cls.config_fields()
         config = dict(config)
         config.update(overrides)
         for key, default in UNSUPPORTED.items():
@@ -322,14 +335,21 @@ class SigmaScheduler(Scheduler):
 
     karras = False  # whether the algorithm offers use_karras_sigmas
 
-    def __init__(self, *args, use_karras_sigmas=False, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, use_karras_sigmas=False, **config):
+        super().__init__(**config)
         if use_karras_sigmas and not self.karras:
             raise ValueError(f"use_karras_sigmas=True is not offered by {type(self).__name__}.")
         self.use_karras_sigmas = bool(use_karras_sigmas)
         if self.use_karras_sigmas:
             self.name = f"{type(self).name}-karras"
         self.train_sigmas = schedule.train_sigmas(self.alphas_cumprod)
+
+    @classmethod
+    def config_fields(cls):
+        fields = super().config_fields()
+        if not cls.karras:  # not offered: another algorithm's field, ignored as such by from_config
+            del fields["use_karras_sigmas"]
+        return fields
 
     def _sigma_schedule(self, num_steps, final_sigmas_type="zero"):
         """(timesteps float32, sigmas float32 with the final sigma appended), as diffusers."""

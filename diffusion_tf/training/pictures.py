@@ -105,8 +105,6 @@ def _frame(panels, lines, scale=3):
     return out
 
 
-
-
 def to_uint8(x):
     """Model-space values in [-1, 1] -> uint8 pixels (clipped, rounded)."""
     return (np.clip(np.asarray(x, np.float32) / 2 + 0.5, 0, 1) * 255).round().astype(np.uint8)
@@ -121,9 +119,9 @@ def forward_process_frames(pipe, image, caption, seed=0, frames=20):
     noise = tf.random.stateless_normal(tf.shape(z0), seed=[seed, 7])
     out = []
     for t in np.unique(np.round(np.linspace(0, T - 1, frames)).astype(int)):
-        zt = sched.add_noise(z0, noise, tf.constant([t]))
-        decoded = to_uint8(ops.convert_to_numpy(pipe.decode(zt))[0])
         a = float(sched.alphas_cumprod[t])
+        zt = a**0.5 * z0 + (1 - a) ** 0.5 * noise  # q(x_t | x_0), DDPM eq. 4, at any training timestep
+        decoded = to_uint8(ops.convert_to_numpy(pipe.decode(zt))[0])
         out.append(_frame([np.asarray(image), decoded], [
             f"forward: t = {t} / {T}", f"sqrt(alpha_bar) = {a ** 0.5:.3f}", caption[:60],
         ]))
@@ -132,29 +130,28 @@ def forward_process_frames(pipe, image, caption, seed=0, frames=20):
 
 def reverse_process_frames(pipe, prompt, steps, seed, guidance=5.0, frames=20):
     """The reverse process, step by step with the pipeline's scheduler and classifier-free
-    guidance: each frame shows the decoded x_t and the model's prediction of x_0.
-    Returns (frames, the final image uint8 [H, W, 3])."""
-    from diffusion_tf.schedulers.schedule import predicted_original_and_noise
+    guidance (the one sampling loop, `diffusion_tf.pipeline.sampling`): each frame shows the
+    decoded x_t and the model's prediction of x_0. Returns (frames, the final image uint8 [H, W, 3])."""
+    from diffusion_tf.pipeline import sampling
+    from diffusion_tf.schedulers.noise_schedule import predicted_original_and_noise
 
     sched = pipe.scheduler
     timesteps = sched.set_timesteps(steps)
     latents = pipe.initial_latents([seed], sched)
-    context = pipe.encode_text(["", prompt])
+    plan = sampling.Plan(sched, guidance=guidance, use_guidance=guidance > 1, seed=seed)
+    context = pipe.encode_text(["", prompt] if plan.use_guidance else [prompt])
     state = sched.init_state(latents)
     keep = set(np.round(np.linspace(0, len(timesteps) - 1, frames)).astype(int).tolist())
     out = []
     for i, t in enumerate(timesteps):
-        x = sched.scale_model_input_at(ops.concatenate([latents, latents], axis=0), i)
-        pred = ops.cast(pipe.predict_noise(x, sched.model_timestep(i), context), "float32")
-        uncond, cond = ops.split(pred, 2, axis=0)
-        pred = uncond + guidance * (cond - uncond) if guidance > 1 else cond
+        x_t = latents
+        latents, state, pred = sampling.denoise_step(pipe.unet, plan, latents, state, i, context)
         if i in keep:
             a = float(sched.alphas_cumprod[int(t)])
-            x0, _ = predicted_original_and_noise(sched.prediction_type, pred, latents, a)
-            panels = [to_uint8(ops.convert_to_numpy(pipe.decode(z))[0]) for z in (latents, x0)]
+            x0, _ = predicted_original_and_noise(sched.prediction_type, pred, x_t, a)
+            panels = [to_uint8(ops.convert_to_numpy(pipe.decode(z))[0]) for z in (x_t, x0)]
             out.append(_frame(panels, [f"reverse: step {i + 1}/{len(timesteps)}, t = {int(t)}",
                                        "left: x_t   right: predicted x_0", prompt[:60]]))
-        latents, state = sched.step_fn(pred, i, latents, state)
     final = to_uint8(ops.convert_to_numpy(pipe.decode(latents))[0])
     out.append(_frame([final, final], ["reverse: done (t = 0)", "the generated image", prompt[:60]]))
     return out, final

@@ -7,6 +7,7 @@ import os
 
 import tensorflow as tf
 
+from diffusion_tf import runtime
 from diffusion_tf.training.checkpoint import checkpoint_path
 from diffusion_tf.training.files import publish
 from diffusion_tf.training.options import DEFAULT_PROMPT, TrainOptions
@@ -69,6 +70,7 @@ def train(options=None, log=print, **kwargs):
         os.remove(stale)
         log(f"removed {stale}: it refined the previous {' and '.join(retrained)}; run --stage refine again")
     run = TrainingRun(options, actions, log=log)
+    runtime.apply()  # the heap setting of the runtime options, once, before the first step (as load_folder)
     result = {"save": options.save, "model": None, "gifs": [], "options": options, "histories": run.histories}
     if "vae" in actions:
         run.train_vae()

@@ -8,7 +8,7 @@ import tensorflow as tf
 from keras import ops
 
 from diffusion_tf.layers import base
-from diffusion_tf.schedulers.schedule import model_target
+from diffusion_tf.schedulers.noise_schedule import model_target
 from diffusion_tf.training.options import PREDICTIONS, check_choice, check_int
 
 

@@ -628,7 +628,7 @@ def test_live_object_loop_against_diffusers(name, config_name):
 
 
 def test_model_target_is_the_inverse_of_predicted_original_and_noise():
-    from diffusion_tf.schedulers.schedule import PREDICTION_TYPES, model_target, predicted_original_and_noise
+    from diffusion_tf.schedulers.noise_schedule import PREDICTION_TYPES, model_target, predicted_original_and_noise
 
     rng = np.random.default_rng(0)
     x0, eps = rng.standard_normal((2, 3, 4, 4))
