@@ -93,7 +93,7 @@ class Generator:
 
     def pipeline(self, attention=None):
         """The loaded Text2Image; rebuilt only when another attention type is asked for."""
-        from diffusion_tf.pipeline.request import model_label
+        from diffusion_tf.presets import model_label
         from diffusion_tf.pipeline.text_to_image import Text2Image
 
         if self._pipe is None or (attention is not None and attention != self._pipe.attention):

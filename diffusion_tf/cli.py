@@ -399,6 +399,7 @@ def main(argv=None):
             request.seed = secrets.randbelow(MAX_SEED + 1)
 
         import diffusion_tf  # noqa: F401  (sets the Keras backend and quiets TensorFlow's logging first)
+        from diffusion_tf import presets
         from diffusion_tf.pipeline import text_to_image
         from diffusion_tf.png_info import save_png
 
@@ -419,7 +420,7 @@ def main(argv=None):
         except OSError as e:  # an unreadable file of the model folder (ValueErrors: below)
             err.write(f"{prog}: error: cannot load model {args.model}: {_one_line(e)}\n")
             return EXIT_USAGE
-        name = rules.model_label(request.model, t2i.model_path)
+        name = presets.model_label(request.model, t2i.model_path)
         request = request.replace(
             num_steps=request.num_steps if request.num_steps is not None else t2i.defaults["num_steps"],
             guidance_scale=request.guidance_scale if request.guidance_scale is not None else t2i.defaults["guidance"],

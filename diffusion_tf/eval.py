@@ -239,7 +239,7 @@ def main(argv=None):
     if args.sensitivity:
         if args.dataset or args.vae_roundtrip:
             parser.error("--sensitivity measures a model: use it with --model (or the default model)")
-        from diffusion_tf.text2image import Text2Image
+        from diffusion_tf.pipeline.text_to_image import Text2Image
 
         n = 64 if args.n is None else args.n
         pipe = Text2Image(model=args.model)

@@ -317,19 +317,3 @@ def fields_from_png(params):
         out[field] = value
     return out
 
-
-def model_label(requested, folder):
-    """The model as the user named it, for the PNG parameters and the page: the name given
-    (a preset, "shapes", a folder as typed), else (the default model) "shapes" for the
-    built-in model or the preset whose cache folder it is, else the folder."""
-    if requested:
-        return os.fspath(requested)
-    from diffusion_tf import presets
-
-    here = os.path.normpath(os.path.abspath(folder))
-    if here == os.path.normpath(os.path.abspath(presets.builtin_folder())):
-        return presets.BUILTIN_MODEL
-    for name in presets.list_presets():
-        if here == os.path.normpath(os.path.abspath(presets.preset_folder(name))):
-            return name
-    return os.fspath(folder)

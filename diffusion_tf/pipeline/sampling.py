@@ -23,7 +23,7 @@ from typing import Any
 import tensorflow as tf
 from keras import ops
 
-from diffusion_tf.editing import add_noise_at
+from diffusion_tf.pipeline.editing import add_noise_at
 
 
 @dataclasses.dataclass

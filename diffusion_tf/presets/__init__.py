@@ -32,7 +32,7 @@ Importing this package imports neither TensorFlow nor Keras.
 from diffusion_tf.presets.cache import builtin_available, builtin_folder, cache_dir, is_cached, preset_folder
 from diffusion_tf.presets.download import PresetUnavailableError
 from diffusion_tf.presets.registry import BUILTIN_MODEL, DEFAULT_PRESET, get_preset, list_presets
-from diffusion_tf.presets.resolve import default_model, ensure_preset, resolve_model
+from diffusion_tf.presets.resolve import default_model, ensure_preset, model_label, resolve_model
 
 __all__ = [
     "BUILTIN_MODEL",
@@ -46,6 +46,7 @@ __all__ = [
     "get_preset",
     "is_cached",
     "list_presets",
+    "model_label",
     "preset_folder",
     "resolve_model",
 ]

@@ -11,7 +11,7 @@ import weights_port
 from diffusion_tf.presets import cache, registry
 from diffusion_tf.presets.download import PresetUnavailableError, fetch, unavailable
 
-__all__ = ["PresetUnavailableError", "default_model", "ensure_preset", "resolve_model"]
+__all__ = ["PresetUnavailableError", "default_model", "ensure_preset", "model_label", "resolve_model"]
 
 
 def default_model():
@@ -100,3 +100,18 @@ def resolve_model(model, download=True, log=None):
         f"{', '.join([registry.BUILTIN_MODEL] + registry.list_presets())} (or convert a checkpoint with "
         "`python -m weights_port SRC DST` and pass model=DST)."
     )
+
+
+def model_label(requested, folder):
+    """The model as the user named it, for the PNG parameters and the page: the name given
+    (a preset, "shapes", a folder as typed), else (the default model) "shapes" for the
+    built-in model or the preset whose cache folder it is, else the folder."""
+    if requested:
+        return os.fspath(requested)
+    here = os.path.normpath(os.path.abspath(folder))
+    if here == os.path.normpath(os.path.abspath(cache.builtin_folder())):
+        return registry.BUILTIN_MODEL
+    for name in registry.list_presets():
+        if here == os.path.normpath(os.path.abspath(cache.preset_folder(name))):
+            return name
+    return os.fspath(folder)

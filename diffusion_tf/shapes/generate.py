@@ -17,7 +17,7 @@ def generate_images(prompts, model=None, steps=None, seed=0, batch=10, guidance=
     if pipeline is not None:
         t2i = pipeline
     else:
-        from diffusion_tf import Text2Image  # lazy: TensorFlow only when a model runs
+        from diffusion_tf.pipeline.text_to_image import Text2Image  # lazy: TensorFlow only when a model runs
 
         kwargs = {"img_height": shapes.IMAGE_SIZE, "img_width": shapes.IMAGE_SIZE, "jit_compile": jit_compile}
         if model is not None:

@@ -32,7 +32,7 @@ class TrainingRun(Stages):
         return sum(os.path.getsize(os.path.join(self.save, n)) for n in names)
 
     def write_gifs(self):
-        from diffusion_tf.text2image import Text2Image
+        from diffusion_tf.pipeline.text_to_image import Text2Image
 
         images, captions, _ = self.dataset()
         with open(os.path.join(self.save, "config.json"), encoding="utf-8") as f:

@@ -140,7 +140,7 @@ class Stages(Session):
         return vae
 
     def _fit_refine(self, action, scaling):
-        from diffusion_tf.text2image import Text2Image
+        from diffusion_tf.pipeline.text_to_image import Text2Image
 
         train = PRESETS[self.o.config]["train"]
         strengths, true_fraction = train["refine_strengths"], train["refine_true_fraction"]
@@ -189,7 +189,7 @@ class Stages(Session):
     def adherence(self, trainer):
         """Scores of `diffusion_tf.shapes.judge` for the trainer's EMA weights on `eval_prompts` prompts
         (the generation defaults; one pipeline, built once, whose weights are reassigned)."""
-        from diffusion_tf.text2image import Text2Image
+        from diffusion_tf.pipeline.text_to_image import Text2Image
 
         if self._eval_pipe is None:
             from diffusion_tf.model_folder import write_folder

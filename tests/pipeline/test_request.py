@@ -109,12 +109,3 @@ def test_png_values_are_checked_by_the_same_rules():
         rules.fields_from_png({"prompt": "p", "attention": "quadratic"})
     assert rules.fields_from_png({"prompt": "p", "model_hash": "abc", "version": "1"}) == {"prompt": "p"}
 
-
-def test_model_label_is_the_name_the_user_gave():
-    from diffusion_tf import presets
-
-    assert rules.model_label("runs/shapes", "/abs/runs/shapes") == "runs/shapes"
-    assert rules.model_label("sd-v1-5", presets.preset_folder("sd-v1-5")) == "sd-v1-5"
-    assert rules.model_label(None, presets.builtin_folder()) == "shapes"
-    assert rules.model_label(None, presets.preset_folder("sd-v2-1")) == "sd-v2-1"
-    assert rules.model_label(None, "/some/folder") == "/some/folder"

@@ -382,3 +382,11 @@ def test_the_converter_never_imports_presets():
         names += [f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
                   for a in n.names]
         assert not [n for n in names if "presets" in n], (path.name, names)
+
+
+def test_model_label_is_the_name_the_user_gave():
+    assert presets.model_label("runs/shapes", "/abs/runs/shapes") == "runs/shapes"
+    assert presets.model_label("sd-v1-5", presets.preset_folder("sd-v1-5")) == "sd-v1-5"
+    assert presets.model_label(None, presets.builtin_folder()) == "shapes"
+    assert presets.model_label(None, presets.preset_folder("sd-v2-1")) == "sd-v2-1"
+    assert presets.model_label(None, "/some/folder") == "/some/folder"
