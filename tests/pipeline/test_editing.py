@@ -28,14 +28,12 @@ def editing_reference(name):
     return ref
 
 
-@pytest.fixture(scope="module")
-def pipes():
-    from diffusion_tf import Text2Image
+pytestmark = pytest.mark.xdist_group("tiny-sd1")  # shares the session's tiny pipelines (tests/conftest.py)
 
-    return {
-        name: Text2Image(model=tiny_models.converted_folder(name), img_height=64, img_width=64)
-        for name in ("tiny-sd1", "tiny-sd1-inpaint")
-    }
+
+@pytest.fixture(scope="module")
+def pipes(tiny_pipe, tiny_inpaint_pipe):
+    return {"tiny-sd1": tiny_pipe, "tiny-sd1-inpaint": tiny_inpaint_pipe}
 
 
 @pytest.fixture(scope="module")

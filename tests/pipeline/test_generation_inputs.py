@@ -6,21 +6,23 @@ import warnings
 import numpy as np
 import pytest
 
-from support import tiny_models
 
 from diffusion_tf.text2image import NonFiniteOutputError, Text2Image
 
 STEPS = 2
 
 
-@pytest.fixture(scope="module")
-def folder():
-    return tiny_models.converted_folder("tiny-sd1")
+pytestmark = pytest.mark.xdist_group("tiny-sd1")  # shares the session's tiny pipelines (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def pipe(folder):
-    return Text2Image(model=folder, img_height=64, img_width=64)
+def folder(tiny_folder):
+    return tiny_folder
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_pipe):
+    return tiny_pipe
 
 
 # ---------------------------------------------------------------- prompts: accepted

@@ -3,26 +3,26 @@
 import numpy as np
 import pytest
 
-from support import tiny_models
+
+
+# One worker runs every file of the group, so the session's pipelines are built (and their
+# functions compiled) once for all of them.
+pytestmark = pytest.mark.xdist_group("tiny-sd1")
 
 
 @pytest.fixture(scope="module")
-def folder():
-    return tiny_models.converted_folder("tiny-sd1")
+def folder(tiny_folder):
+    return tiny_folder
 
 
 @pytest.fixture(scope="module")
-def pipe(folder):
-    from diffusion_tf import Text2Image
-
-    return Text2Image(model=folder, img_height=64, img_width=64)
+def pipe(tiny_pipe):
+    return tiny_pipe
 
 
 @pytest.fixture(scope="module")
-def jit_pipe(folder):
-    from diffusion_tf import Text2Image
-
-    return Text2Image(model=folder, img_height=64, img_width=64, jit_compile=True)
+def jit_pipe(tiny_jit_pipe):
+    return tiny_jit_pipe
 
 
 def test_defaults_to_native_size(folder):

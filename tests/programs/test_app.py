@@ -23,6 +23,9 @@ pytest.importorskip("gradio", reason="the web UI tests need gradio (pip install 
 
 from support import tiny_models  # noqa: E402
 
+# One app process serves every test of this file: they all run on one worker.
+pytestmark = pytest.mark.xdist_group("app")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

@@ -47,16 +47,14 @@ def error_lines(err):
     return [line for line in err.splitlines() if line.startswith(f"{PROG}: error:")]
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A converted tiny-sd1 model folder (built once for this module)."""
-    from weights_port.convert import convert_checkpoint
+# The module fixtures (the real runs) are built once: every test of this file runs on one worker.
+pytestmark = pytest.mark.xdist_group("cli")
 
-    root = tmp_path_factory.mktemp("cli-model")
-    src = tiny_models.write_diffusers_folder("tiny-sd1", str(root / "diffusers"))
-    dst = str(root / "tiny-sd1")
-    convert_checkpoint(src, dst, log=lambda *_: None)
-    return dst
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_folder):
+    """The session's converted tiny-sd1 model folder (tests/conftest.py)."""
+    return tiny_folder
 
 
 # ---------------------------------------------------------------- help

@@ -187,6 +187,7 @@ def test_matches_diffusers(ref, case, steps):
 
 
 # every algorithm (the Karras variants only change the tables: one is compiled below)
+@pytest.mark.compiles
 @pytest.mark.parametrize("name", sorted({case.split("/")[0] for case in CASES if "karras" not in case}))
 def test_one_xla_compiled_loop_equals_eager(ref, name):
     case = f"{name}/sd"
@@ -198,6 +199,7 @@ def test_one_xla_compiled_loop_equals_eager(ref, name):
     assert np.abs(compiled - ref[f"{case}/{steps}/final"]).max() <= TOL
 
 
+@pytest.mark.compiles
 def test_compiled_loop_reused_for_another_step_count(ref):
     """Tables are arguments, not constants: a function traced for 20 steps runs 50 correctly."""
     import tensorflow as tf

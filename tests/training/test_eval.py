@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import diffusion_tf
+from diffusion_tf.pipeline import text_to_image
 from diffusion_tf import eval as ev
 from diffusion_tf import shapes
 from diffusion_tf.shapes import PALETTE, Spec, make_dataset, parse_caption, render
@@ -180,8 +180,7 @@ def test_cli_with_a_model(monkeypatch, tmp_path, capsys):
                 out.append(render(Spec(want["color"], shape, None, bg, False, 24, x, y)))
             return np.stack(out)
 
-    # setitem on the module's dict: setattr would first read the lazy attribute (importing TensorFlow)
-    monkeypatch.setitem(vars(diffusion_tf), "Text2Image", FakeText2Image)
+    monkeypatch.setattr(text_to_image, "Text2Image", FakeText2Image)
     out = tmp_path / "r.json"
     assert ev.main(["--model", "some/folder", "--n", "23", "--steps", "7", "--batch", "10",
                     "--seed", "4", "--out", str(out)]) == 0
@@ -212,7 +211,7 @@ def test_cli_bad_model_arguments_exit_2(monkeypatch, capsys):
         def __init__(self, scheduler=None, **kwargs):
             raise ValueError(f"scheduler={scheduler!r}; allowed: ddim, euler.")
 
-    monkeypatch.setitem(vars(diffusion_tf), "Text2Image", RefusingText2Image)
+    monkeypatch.setattr(text_to_image, "Text2Image", RefusingText2Image)
     with pytest.raises(SystemExit) as e:
         ev.main(["--n", "1", "--scheduler", "bogus"])
     assert e.value.code == 2
