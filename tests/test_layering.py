@@ -2,10 +2,7 @@
 layer or below (imports inside functions counted), so there is no import circle between
 packages. Fast tier: reads the sources, imports nothing."""
 
-import ast
-import os
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support.import_graph import import_graph, modules
 
 # Lowest first. A module belongs to the first entry that is it or one of its parents.
 LAYERS = [
@@ -28,18 +25,6 @@ LAYERS = [
 ]
 
 
-def _modules():
-    out = {}
-    for package in ("diffusion_tf", "weights_port"):
-        for folder, _, files in os.walk(os.path.join(ROOT, package)):
-            for name in files:
-                if name.endswith(".py"):
-                    path = os.path.join(folder, name)
-                    dotted = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
-                    out[dotted.removesuffix(".__init__")] = path
-    return out
-
-
 def _layer(module):
     """The layer of `module`: its most specific entry (the longest matching name)."""
     best = None
@@ -52,39 +37,14 @@ def _layer(module):
     return best[0]
 
 
-def _imports(modules):
-    """{module: {imported diffusion_tf / weights_port module}} at any depth of the file."""
-
-    def resolve(name):
-        while name and name not in modules:
-            name = name.rpartition(".")[0]
-        return name or None
-
-    graph = {}
-    for module, path in modules.items():
-        with open(path, encoding="utf-8") as f:
-            tree = ast.parse(f.read(), path)
-        targets = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                targets.update(resolve(a.name) for a in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                for a in node.names:
-                    full = f"{node.module}.{a.name}"
-                    targets.add(full if full in modules else resolve(node.module))
-        graph[module] = {t for t in targets if t and t != module}
-    return graph
-
-
 def test_every_module_has_a_layer():
-    for module in _modules():
+    for module in modules():
         _layer(module)
 
 
 def test_no_module_imports_one_above_it():
-    modules = _modules()
     upward = []
-    for module, targets in sorted(_imports(modules).items()):
+    for module, targets in sorted(import_graph().items()):
         for target in sorted(targets):
             # a package's __init__ may import its own submodules (it is their front door)
             if target.startswith(module + "."):

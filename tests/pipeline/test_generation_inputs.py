@@ -6,23 +6,11 @@ import warnings
 import numpy as np
 import pytest
 
-
 from diffusion_tf.text2image import NonFiniteOutputError, Text2Image
 
 STEPS = 2
 
-
 pytestmark = pytest.mark.xdist_group("tiny-sd1")  # shares the session's tiny pipelines (tests/conftest.py)
-
-
-@pytest.fixture(scope="module")
-def folder(tiny_folder):
-    return tiny_folder
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_pipe):
-    return tiny_pipe
 
 
 # ---------------------------------------------------------------- prompts: accepted

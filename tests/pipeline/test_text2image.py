@@ -3,26 +3,9 @@
 import numpy as np
 import pytest
 
-
-
 # One worker runs every file of the group, so the session's pipelines are built (and their
 # functions compiled) once for all of them.
 pytestmark = pytest.mark.xdist_group("tiny-sd1")
-
-
-@pytest.fixture(scope="module")
-def folder(tiny_folder):
-    return tiny_folder
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_pipe):
-    return tiny_pipe
-
-
-@pytest.fixture(scope="module")
-def jit_pipe(tiny_jit_pipe):
-    return tiny_jit_pipe
 
 
 def test_defaults_to_native_size(folder):
@@ -169,29 +152,30 @@ def test_unknown_model_and_missing_weights(folder, tmp_path):
     assert "unet.weights.h5" in str(e.value)
 
 
-def test_generate_with_other_schedulers_in_one_xla_function(jit_pipe):
-    """`scheduler=` overrides the constructor's choice for one call; each is compiled once."""
+def test_generate_with_other_schedulers_each_built_once(pipe):
+    """`scheduler=` overrides the constructor's choice for one call; each is traced once (every
+    algorithm inside one XLA loop: tests/schedulers; the XLA pipeline: the test above)."""
     import warnings
 
     images = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for name in ("dpm++2m-karras", "euler_a", "heun"):
-            before = jit_pipe.tracing_count
-            images[name] = jit_pipe.generate("a cat", num_steps=4, seed=5, scheduler=name)
-            again = jit_pipe.generate("a cat", num_steps=4, seed=5, scheduler=name)
+            before = pipe.tracing_count
+            images[name] = pipe.generate("a cat", num_steps=4, seed=5, scheduler=name)
+            again = pipe.generate("a cat", num_steps=4, seed=5, scheduler=name)
             np.testing.assert_array_equal(images[name], again)
-            assert jit_pipe.tracing_count - before <= 1
+            assert pipe.tracing_count - before <= 1
     # no overflow warning (a NaN or Inf would raise NonFiniteOutputError)
     assert not [w for w in caught if "NaN" in str(w.message)]
-    images["ddim"] = jit_pipe.generate("a cat", num_steps=4, seed=5)
-    assert jit_pipe.scheduler.name == "ddim"
+    images["ddim"] = pipe.generate("a cat", num_steps=4, seed=5)
+    assert pipe.scheduler.name == "ddim"
     names = sorted(images)
     for i, a in enumerate(names):
         assert images[a].shape == (1, 64, 64, 3)
         for b in names[i + 1:]:
             assert not np.array_equal(images[a], images[b]), (a, b)
-    other_seed = jit_pipe.generate("a cat", num_steps=4, seed=6, scheduler="euler_a")
+    other_seed = pipe.generate("a cat", num_steps=4, seed=6, scheduler="euler_a")
     assert not np.array_equal(other_seed, images["euler_a"])
 
 
@@ -208,17 +192,15 @@ def test_scheduler_override_on_the_callback_path(pipe):
 
 
 @pytest.mark.parametrize("callback", [False, True], ids=["fused", "step-by-step"])
-def test_another_size_after_the_first_keeps_static_shapes(folder, callback):
-    """A pipeline used at one size and then at another (an init image, or img_width changed as
-    the web UI does) traces a function per size; a relaxed trace with unknown spatial
+def test_another_size_after_the_first_keeps_static_shapes(pipe, callback):
+    """A pipeline used at one size and then at another (an init image, or a request's size as
+    the web UI gives it) traces a function per size; a relaxed trace with unknown spatial
     dimensions would fail in the VAE's attention reshape."""
-    from diffusion_tf import Text2Image
-
-    p = Text2Image(model=folder, img_height=64, img_width=64)
     cb = (lambda *a: None) if callback else None
-    assert p.generate("a cat", num_steps=2, seed=1, callback=cb).shape == (1, 64, 64, 3)
-    wide = p.generate("a cat", num_steps=2, seed=1, callback=cb, strength=0.5,
-                      init_image=np.full((64, 128, 3), 100, np.uint8))
+    assert pipe.generate("a cat", num_steps=2, seed=1, callback=cb).shape == (1, 64, 64, 3)
+    wide = pipe.generate("a cat", num_steps=2, seed=1, callback=cb, strength=0.5,
+                         init_image=np.full((64, 128, 3), 100, np.uint8))
     assert wide.shape == (1, 64, 128, 3)
-    p.img_width = 128
-    assert p.generate("a cat", num_steps=2, seed=1, callback=cb).shape == (1, 64, 128, 3)
+    assert pipe.generate("a cat", num_steps=2, seed=1, callback=cb, width=128).shape == (1, 64, 128, 3)
+    assert pipe.generate("a cat", num_steps=2, seed=1, callback=cb, height=72).shape == (1, 72, 64, 3)
+    assert (pipe.img_height, pipe.img_width) == (64, 64)  # a request's size leaves the pipeline's

@@ -160,6 +160,7 @@ def trained_once(tmp_path_factory):
     return save
 
 
+@pytest.mark.heavy  # two tiny training runs: run by CI after the default suite (-m 'integration or heavy')
 @pytest.mark.parametrize("fault", ["disk full", "Ctrl-C"])
 def test_checkpoint_fault_keeps_the_previous_checkpoint(fault, trained_once, tmp_path, monkeypatch):
     import shutil

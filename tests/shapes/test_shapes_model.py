@@ -13,10 +13,13 @@ from diffusion_tf import presets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FOLDER = presets.builtin_folder()
-pytestmark = pytest.mark.skipif(
-    not presets.builtin_available(),
-    reason=f"the built-in shapes model is not installed ({FOLDER} lacks its weights): scripts/ship_shapes_model.py",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not presets.builtin_available(),
+        reason=f"the built-in shapes model is not installed ({FOLDER} lacks its weights): scripts/ship_shapes_model.py",
+    ),
+    pytest.mark.xdist_group("shapes-model"),  # the module's pipeline is built (and compiled) once
+]
 FILES = ("config.json", "text_encoder.weights.h5", "unet.weights.h5", "vae.weights.h5")
 # Fixed prompts and seeds: all four attributes must be drawn as asked in each. Colour,
 # position and background are right on 99-100% of 500 judged prompts, whatever the seed.

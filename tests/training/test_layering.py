@@ -3,62 +3,22 @@ functions counted), the training modules import only lower ones and never
 `diffusion_tf.eval`, `diffusion_tf.train` re-exports the package's names, and the two
 command lines still run."""
 
-import ast
 import os
 import subprocess
 import sys
 
 import pytest
 
+from support.import_graph import import_graph
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PACKAGE = os.path.join(ROOT, "diffusion_tf")
 # diffusion_tf.training's modules, lowest first: each may import only those before it.
 TRAINING_ORDER = ("files", "options", "checkpoint", "plan", "data", "trainers", "pictures", "vae", "refine",
                   "session", "stages", "run", "cli")
 
 
-def _modules():
-    """{dotted name: path} of every module of diffusion_tf (a package by its own name)."""
-    out = {}
-    for folder, _, files in os.walk(PACKAGE):
-        for name in files:
-            if name.endswith(".py"):
-                path = os.path.join(folder, name)
-                dotted = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
-                out[dotted.removesuffix(".__init__")] = path
-    return out
-
-
 def _import_graph():
-    """{module: set of diffusion_tf modules it imports}: every import statement, at any
-    depth of the file (functions included); `from a import b` counts as importing a.b when
-    that is a module, else a; a module's own parent packages are not counted."""
-    modules = _modules()
-
-    def resolve(name):
-        while name and name not in modules:
-            name = name.rpartition(".")[0]
-        return name or None
-
-    graph = {}
-    for module, path in modules.items():
-        with open(path, encoding="utf-8") as f:
-            tree = ast.parse(f.read(), path)
-        package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
-        targets = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                targets.update(resolve(alias.name) for alias in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:  # relative: from the package, `level - 1` levels up
-                    parts = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    base = ".".join(parts + ([node.module] if node.module else []))
-                for alias in node.names:
-                    full = f"{base}.{alias.name}"
-                    targets.add(full if full in modules else resolve(base))
-        graph[module] = {t for t in targets if t and t != module}
-    return graph
+    return import_graph(("diffusion_tf",))
 
 
 def _cycles(graph):

@@ -117,6 +117,7 @@ def test_saved_folder_loads_in_text2image_and_generates(trained):
     assert np.abs(final.astype(int) - image[0].astype(int)).max() <= 2
 
 
+@pytest.mark.heavy  # trains again: run by CI after the default suite (-m 'integration or heavy')
 def test_resume_gives_identical_weights(trained, tmp_path):
     """UNet stage: 1 epoch, then --resume to 2 epochs == the uninterrupted 2 epochs, bit for bit
     (weights, EMA weights, optimizer variables, loss history, the written model)."""
@@ -150,6 +151,7 @@ def test_resume_gives_identical_weights(trained, tmp_path):
     assert any(not np.array_equal(wa[k], wb[k]) for k in wa if k.startswith("decoder"))
 
 
+@pytest.mark.heavy  # trains again: run by CI after the default suite (-m 'integration or heavy')
 def test_refine_stage_resumes_exactly_and_needs_a_trained_unet(trained, tmp_path):
     """--stage refine on a finished UNet: 1 epoch then --resume to 2 == 2 epochs at once (the
     image-to-image latents are drawn again, identically); the UNet is not touched."""
@@ -299,6 +301,7 @@ MIRRORED = textwrap.dedent(
 )
 
 
+@pytest.mark.heavy  # trains again: run by CI after the default suite (-m 'integration or heavy')
 def test_mirrored_strategy_on_two_logical_cpus(trained, tmp_path):
     full, _, _ = trained
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
