@@ -110,6 +110,7 @@ def test_draws_what_is_asked(shapes_t2i, prompt, seed):
         assert verdict[attribute], (prompt, seed, attribute, verdict["analysis"], verdict["expected"])
 
 
+@pytest.mark.heavy  # 50 generations: with the heavy checks (CI's second step); 8 prompts run above
 def test_prompt_adherence_on_50_grammar_prompts(shapes_t2i):
     """`python -m diffusion_tf.eval`'s first 50 prompts at the defaults (the full 100: 99%,
     these 50: 100% with XLA; 92.2% on 500 prompts of three seeds)."""

@@ -278,6 +278,7 @@ def test_altered_caption_changes_exactly_one_attribute():
         ev.altered_caption(spec, "size")
 
 
+@pytest.mark.heavy  # the UNet's loss at every probed timestep: with the heavy checks (CI's second step)
 def test_caption_sensitivity_is_zero_for_a_model_deaf_to_the_caption(monkeypatch):
     """A random tiny model's output depends on its caption; with the text encoder's output
     replaced by one fixed context, every gap is exactly zero."""
