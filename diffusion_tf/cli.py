@@ -203,6 +203,7 @@ FLAGS = {
     "temperature": "--temperature", "height": "--height", "width": "--width", "seed": "--seed",
     "strength": "--strength",
 }
+EDIT_OPTIONS = {"init_image": "--init-image", "mask": "--mask", "outpaint": "--outpaint"}
 DESTS = {"num_steps": "steps", "guidance_scale": "guidance", "batch_size": "batch_size", "scheduler": "scheduler",
          "strength": "strength", "outpaint": "outpaint"}
 
@@ -294,10 +295,9 @@ def validate(parser, args, argv=None):
         mask=args.mask, outpaint=outpaint, model=args.model, attention=args.attention, **values,
     )
     try:
-        request.validate(names={})
+        request.validate(names=EDIT_OPTIONS)
     except ValueError as e:  # the combinations: a mask or outpaint without an image, both, ...
-        message = _one_line(e).replace("init_image=", "--init-image").replace("mask=", "--mask")
-        parser.error(message.replace("outpaint=", "--outpaint"))
+        parser.error(_one_line(e))
     args.request = request
     return args
 

@@ -152,15 +152,18 @@ def check_outpaint(outpaint):
     return out
 
 
-def check_combination(init_image, mask, outpaint):
-    """A mask or outpaint needs an image; the two do not combine."""
+def check_combination(init_image, mask, outpaint, names=None):
+    """A mask or outpaint needs an image; the two do not combine. `names`: how the caller spells
+    the three fields (default `init_image=`, `mask=`, `outpaint=`)."""
+    names = names or {}
+    image, m, out = (names.get(k, k + "=") for k in ("init_image", "mask", "outpaint"))
     if init_image is None:
         if mask is not None:
-            raise ValueError("mask= needs init_image= (the image to inpaint); none was given.")
+            raise ValueError(f"{m} needs {image} (the image to inpaint); none was given.")
         if outpaint is not None:
-            raise ValueError("outpaint= needs init_image= (the image to extend); none was given.")
+            raise ValueError(f"{out} needs {image} (the image to extend); none was given.")
     elif outpaint is not None and mask is not None:
-        raise ValueError("outpaint= and mask= cannot be combined: outpainting repaints the new area only.")
+        raise ValueError(f"{out} and {m} cannot be combined: outpainting repaints the new area only.")
 
 
 def prompt_list(prompt, name="prompt"):
@@ -229,7 +232,7 @@ class GenerationRequest:
         check_attention(self.attention)
         if self.model is not None and (not isinstance(self.model, (str, os.PathLike)) or not os.fspath(self.model)):
             raise ValueError(f"model={self.model!r}; must be a model folder, a preset name or None (the default).")
-        check_combination(self.init_image, self.mask, self.outpaint)
+        check_combination(self.init_image, self.mask, self.outpaint, names)
         if self.outpaint is not None:
             self.outpaint = check_outpaint(self.outpaint)
         return self
