@@ -14,6 +14,7 @@ LAYERS = [
     ["diffusion_tf.layers", "diffusion_tf.models", "diffusion_tf.state_dict", "diffusion_tf.model_folder"],
     ["diffusion_tf.components"],  # a model folder's networks
     ["weights_port"],  # checkpoints in, configs in, a model folder out
+    ["diffusion_tf.lora"],  # LoRA files merged into the networks' weights
     ["diffusion_tf.presets"],  # a name -> a model folder (download, convert once)
     ["diffusion_tf.pipeline"],  # request, sampling, editing, Text2Image
     ["diffusion_tf.shapes"],  # the shapes dataset's helpers that generate images
