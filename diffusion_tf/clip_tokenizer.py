@@ -91,6 +91,8 @@ class CLIPTokenizer:
         self.context_length = int(context_length)
         self._pad_token_id = self.eos_token_id
         self.pad_token_in_prompt = pad_token_in_prompt
+        self.added_tokens = {}  # token text (as a prompt is cleaned: lower case) -> id, after the vocabulary
+        self._expansions = {}  # first id of a multi-vector token -> all its ids (diffusers' tok, tok_1, ...)
         self.pad_token_id = pad_token_id
         self._cache = {}
 
@@ -122,13 +124,53 @@ class CLIPTokenizer:
 
     def _compile_special(self):
         """The regex that splits special tokens out of a prompt: BOS, EOS and, in "special" mode, the pad token."""
-        specials = {_BOS, _EOS}
+        specials = {_BOS, _EOS} | set(getattr(self, "added_tokens", ()))
         if self._pad_token_in_prompt == "special":
             specials.add(self.decoder[self._pad_token_id])
         # Longest first: at any position the regex takes the first alternative that matches, so this is
         # the leftmost-longest match of transformers' added-token splitting (e.g. "!" vs "!</w>").
         alternatives = sorted(specials, key=lambda t: (-len(t), t))
         self._special = regex.compile("(" + "|".join(map(regex.escape, alternatives)) + ")")
+
+    @property
+    def vocab_size(self):
+        """Ids in use: the vocabulary's and the added tokens' (textual inversion)."""
+        return len(self.decoder)
+
+    def add_tokens(self, tokens, expand=True):
+        """Add new words (textual-inversion tokens) after the vocabulary; returns their ids, in order.
+
+        Each is split out of a prompt wherever it occurs, as transformers' added tokens are. A token
+        that is already a vocabulary entry or an added token is a ValueError (as in diffusers), and
+        then nothing is added. `expand`: with several tokens (diffusers' `tok`, `tok_1`, ...), the
+        first alone in a prompt stands for all of them."""
+        tokens = list(tokens)
+        cleaned = [_clean(t) for t in tokens]
+        for token, clean in zip(tokens, cleaned):
+            if not isinstance(token, str) or not clean or clean != token.strip().lower() or " " in clean:
+                raise ValueError(f"token {token!r}: must be one word without spaces.")
+            if clean in self.encoder or clean + "</w>" in self.encoder or clean in self.added_tokens:
+                raise ValueError(
+                    f"token {token!r} is already in the tokenizer's vocabulary; choose another token "
+                    "(or unload the embedding that added it)."
+                )
+        if len(set(cleaned)) != len(cleaned):
+            raise ValueError(f"tokens {tokens!r} repeat a token.")
+        ids = list(range(len(self.decoder), len(self.decoder) + len(tokens)))
+        for clean, i in zip(cleaned, ids):
+            self.added_tokens[clean] = i
+            self.decoder[i] = clean
+        if expand and len(ids) > 1:
+            self._expansions[ids[0]] = ids
+        self._compile_special()
+        return ids
+
+    def remove_added_tokens(self):
+        """Forget every added token (the vocabulary is as loaded)."""
+        for clean, i in self.added_tokens.items():
+            del self.decoder[i]
+        self.added_tokens, self._expansions = {}, {}
+        self._compile_special()
 
     @classmethod
     def from_folder(cls, path, context_length=77, pad_token_in_prompt="special"):
@@ -203,7 +245,8 @@ class CLIPTokenizer:
         # swallow the "<|"). regex.split with one group: the odd-indexed parts are the matches.
         for i, segment in enumerate(self._special.split(_clean(text))):
             if i % 2:
-                ids.append(self.encoder[segment])
+                first = self.added_tokens.get(segment, self.encoder.get(segment))
+                ids.extend(self._expansions.get(first, [first]))
                 continue
             for piece in _PATTERN.findall(segment):
                 symbols = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))

@@ -9,11 +9,13 @@ LAYERS = [
     # 0: no network, no model: settings, formats, the tokenizer, the schedulers' maths
     ["diffusion_tf.runtime", "diffusion_tf.compiler_memory", "diffusion_tf.startup_log",
      "diffusion_tf.image_io", "diffusion_tf.png_info", "diffusion_tf.clip_tokenizer", "diffusion_tf.schedulers",
-     "diffusion_tf.shapes.dataset", "diffusion_tf.shapes.judge", "diffusion_tf.pipeline.request"],
+     "diffusion_tf.shapes.dataset", "diffusion_tf.shapes.judge", "diffusion_tf.pipeline.request",
+     "diffusion_tf.prompts.syntax", "diffusion_tf.prompts.chunks"],
     # 1: the networks and their weights
     ["diffusion_tf.layers", "diffusion_tf.models", "diffusion_tf.state_dict", "diffusion_tf.model_folder"],
     ["diffusion_tf.components"],  # a model folder's networks
     ["weights_port"],  # checkpoints in, configs in, a model folder out
+    ["diffusion_tf.prompts"],  # prompts -> context: emphasis, chunks, textual-inversion files
     ["diffusion_tf.lora"],  # LoRA files merged into the networks' weights
     ["diffusion_tf.presets"],  # a name -> a model folder (download, convert once)
     ["diffusion_tf.pipeline"],  # request, sampling, editing, Text2Image

@@ -148,15 +148,30 @@ class CLIPTextModel(Model):
     def from_config(cls, config, **overrides):
         return from_config(cls, config, **overrides)
 
-    def call(self, token_ids):
+    def call(self, token_ids, extra_embeddings=None, clip_skip=0):
+        """`extra_embeddings` [E, hidden_size]: the vectors of ids vocab_size .. vocab_size + E - 1
+        (textual-inversion tokens; the checkpoint's table stays as it is). `clip_skip`: condition
+        on the output of layer n - clip_skip, through the final layer norm, as diffusers' clip_skip
+        (0: the last layer; 1: the penultimate, A1111's "Clip skip: 2")."""
         tm = self.text_model
         n = token_ids.shape[1]
         positions = ops.arange(n)[None, :]
-        x = tm.embeddings.token_embedding(token_ids) + tm.embeddings.position_embedding(positions)
+        x = self._token_embeddings(token_ids, extra_embeddings) + tm.embeddings.position_embedding(positions)
         causal = ops.triu(ops.full((n, n), -1e9, dtype="float32"), k=1)[None, None]
-        for layer in tm.encoder.layers:
+        for layer in tm.encoder.layers[: len(tm.encoder.layers) - clip_skip]:
             x = layer(x, causal)
         return tm.final_layer_norm(x)
+
+    def _token_embeddings(self, token_ids, extra):
+        table = self.text_model.embeddings.token_embedding
+        if extra is None:
+            return table(token_ids)
+        # Two exact gathers and a select: a vocabulary id reads the checkpoint's table, an added
+        # id its extra row (no concatenated copy of the 49408-row table per call).
+        added = token_ids >= self.vocab_size
+        own = table(ops.where(added, 0, token_ids))
+        rows = ops.take(ops.cast(extra, own.dtype), ops.maximum(token_ids - self.vocab_size, 0), axis=0)
+        return ops.where(added[..., None], rows, own)
 
     def build_weights(self):
         self(ops.zeros((1, self.max_position_embeddings), dtype="int32"))

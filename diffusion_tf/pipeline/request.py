@@ -77,8 +77,9 @@ RULES = {
     "strength": _number_rule(0, 1),
     "height": (_multiple_of_8, "a positive multiple of 8", int),
     "width": (_multiple_of_8, "a positive multiple of 8", int),
+    "clip_skip": _int_rule(0),
 }
-OPTIONAL = ("num_steps", "seed", "guidance_scale", "height", "width")  # None: the model's default / random
+OPTIONAL = ("num_steps", "seed", "guidance_scale", "height", "width", "clip_skip")  # None: the model's default / random
 
 
 def check(field, value, name=None):
@@ -214,6 +215,7 @@ class GenerationRequest:
     outpaint: Optional[dict] = None
     paste_back: bool = True
     latents: Any = None
+    clip_skip: Optional[int] = None  # diffusers' clip_skip (1 = A1111's "Clip skip: 2"); None: the pipeline's
     # Not the pipeline's: how the pipeline was built, recorded in the PNG parameters.
     model: Optional[str] = None
     attention: Optional[str] = None

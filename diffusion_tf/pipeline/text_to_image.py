@@ -18,6 +18,8 @@ from keras import ops
 from diffusion_tf import compiler_memory, schedulers
 from diffusion_tf.components import load_folder
 from diffusion_tf.pipeline import editing, sampling
+from diffusion_tf.prompts import syntax, textual_inversion
+from diffusion_tf.prompts.conditioning import TextConditioning, check_clip_skip
 from diffusion_tf.presets.resolve import resolve_model
 from diffusion_tf.pipeline.request import (  # noqa: F401  (MAX_*: public constants of this module)
     MAX_PIXELS, MAX_SEED, MAX_STEPS, GenerationRequest, check_attention, check_scheduler, check_size,
@@ -77,6 +79,22 @@ class Text2Image:
             `TPUStrategy`). The networks are built in its scope (mirrored weights) and each
             replica denoises a contiguous share of the batch; with a deterministic sampler
             the images are those of one device. None/False: one device.
+        clip_skip: the text encoder's last layers to leave out, as diffusers' `clip_skip`
+            (1 = the penultimate layer's output, A1111's "Clip skip: 2"); None: none.
+            `generate(clip_skip=...)` overrides it for one call.
+        loras: LoRA files merged at start, each a path or (path, scale); see `load_lora`.
+        embeddings: textual-inversion files loaded at start, each a path or (path, token);
+            see `load_textual_inversion`.
+        lora_dir: where `<lora:NAME:SCALE>` in a prompt finds NAME.safetensors (.pt, .ckpt,
+            .bin); default `$DIFFUSION_TF_HOME/loras` (~/.cache/diffusion_tf/loras).
+        embedding_dir: a folder whose embedding files' names work as words in prompts (loaded
+            when a prompt uses them, as A1111's embeddings folder); default
+            `$DIFFUSION_TF_HOME/embeddings`.
+        prompt_syntax: "a1111" (the default: `(word:1.2)`, `[word]`, BREAK; see
+            `diffusion_tf.prompts.syntax`) or "plain" (brackets are text, as diffusers).
+        long_prompts: "chunks" (the default: a prompt over 75 tokens is encoded in 77-token
+            chunks and concatenated, as A1111) or "truncate" (cut at 77 tokens with a warning,
+            as diffusers).
     """
 
     def __init__(
@@ -90,6 +108,13 @@ class Text2Image:
         dtype=None,
         download=True,
         distribute=None,
+        clip_skip=None,
+        loras=None,
+        embeddings=None,
+        lora_dir=None,
+        embedding_dir=None,
+        prompt_syntax="a1111",
+        long_prompts="chunks",
     ):
         # === Config ===
         check_attention(attention)
@@ -111,6 +136,11 @@ class Text2Image:
         self.text_encoder = parts["text_encoder"]
         self.unet = parts["unet"]
         self.vae = parts["vae"]
+        self.conditioning = TextConditioning(self.tokenizer, self.text_encoder, prompt_syntax, long_prompts)
+        self.clip_skip = check_clip_skip(clip_skip, self.text_encoder)
+        self.lora_dir, self.embedding_dir = lora_dir, embedding_dir
+        self._lora_stack = None
+        self._prompt_loras = {}  # <lora:NAME> of the last prompts: NAME -> the stack's name
         self._schedulers = {}
         self.scheduler = self.get_scheduler(scheduler)
         native = self.unet.sample_size * self.vae.downsampling_factor
@@ -121,6 +151,12 @@ class Text2Image:
         self.attention = self.unet.attention
         self.last_seeds = None
         self._functions = {}
+        for item in loras or ():
+            path, scale = (item, 1.0) if isinstance(item, (str, os.PathLike)) else item
+            self.load_lora(path, scale)
+        for item in embeddings or ():
+            path, token = (item, None) if isinstance(item, (str, os.PathLike)) else item
+            self.load_textual_inversion(path, token)
 
     # ------------------------------------------------------------ components
     @property
@@ -129,11 +165,21 @@ class Text2Image:
         return (self.img_height // f, self.img_width // f, self.vae.latent_channels)
 
     def tokenize(self, prompts):
+        """The tokenizer's ids [B, 77] (plain text: no prompt syntax, no chunks)."""
         return self.tokenizer(prompt_list(prompts))
 
-    def encode_text(self, prompts):
-        """Prompts -> the cross-attention context [B, 77, D]."""
-        return self.text_encoder(ops.convert_to_tensor(self.tokenize(prompts)))
+    def encode_text(self, prompts, clip_skip=None):
+        """Prompts -> the cross-attention context [B, 77 k, D]: A1111's emphasis and chunks (k > 1
+        for prompts over 75 tokens), added tokens and clip skip, as `generate` encodes them."""
+        prompts = [syntax.extract_networks(p)[0] for p in prompt_list(prompts)]
+        ids, weights = self.conditioning.tokens(prompts)
+        extra = self.conditioning.extra_embeddings()
+        return self.conditioning.encode(ops.convert_to_tensor(ids), ops.convert_to_tensor(weights),
+                                        None if extra is None else ops.convert_to_tensor(extra),
+                                        self._clip_skip(clip_skip))
+
+    def _clip_skip(self, clip_skip):
+        return self.clip_skip if clip_skip is None else check_clip_skip(clip_skip, self.text_encoder)
 
     def predict_noise(self, latents, timesteps, context):
         """The raw UNet output [B, h, w, 4] (noise, or v for v-prediction models)."""
@@ -170,10 +216,14 @@ class Text2Image:
         shape = tuple(self.latent_shape if shape is None else shape)
         return tf.stack([tf.random.stateless_normal(shape, seed=[int(s), 0]) for s in seeds])
 
-    def _context(self, cond_ids, uncond_ids, use_guidance):
-        """The cross-attention context: unconditional rows first, then conditional ones."""
-        ids = ops.concatenate([uncond_ids, cond_ids], axis=0) if use_guidance else cond_ids
-        return self.text_encoder(ids)
+    def _context(self, text, extra, use_guidance, clip_skip):
+        """The cross-attention context: unconditional rows first, then conditional ones. `text`:
+        {"ids", "weights", "uncond_ids", "uncond_weights"} [B, k, 77] (`conditioning.pair`)."""
+        ids, weights = text["ids"], text["weights"]
+        if use_guidance:
+            ids = ops.concatenate([text["uncond_ids"], ids], axis=0)
+            weights = ops.concatenate([text["uncond_weights"], weights], axis=0)
+        return self.conditioning.encode(ids, weights, extra, clip_skip)
 
     @property
     def tracing_count(self):
@@ -187,7 +237,7 @@ class Text2Image:
             self._functions[key] = tf.function(fn, jit_compile=self.jit_compile, reduce_retracing=True)
         return self._functions[key]
 
-    def _generate_fn(self, use_guidance, scheduler, mode, size, decode=True):
+    def _generate_fn(self, use_guidance, scheduler, mode, size, clip_skip, decode=True):
         """encode text -> the denoising loop -> decode, as one compiled function.
 
         The scheduler's per-step tables, the start index and the editing inputs `cond` come in
@@ -197,15 +247,15 @@ class Text2Image:
         dimensions by a call with another. Keyed by the scheduler object itself (kept alive
         by the key, so never confused)."""
 
-        def generate(cond_ids, uncond_ids, latents, tables, guidance, temperature, seed, start, cond):
-            context = self._context(cond_ids, uncond_ids, use_guidance)
+        def generate(text, extra, latents, tables, guidance, temperature, seed, start, cond):
+            context = self._context(text, extra, use_guidance, clip_skip)
             plan = sampling.Plan(scheduler, tables, guidance, use_guidance, seed, temperature, cond)
             latents = sampling.denoise(self.unet, plan, latents, context, start)
             return (self.decode(latents) if decode else latents), latents
 
-        return self._compiled(("generate", use_guidance, scheduler, mode, size, decode), generate)
+        return self._compiled(("generate", use_guidance, scheduler, mode, size, clip_skip, decode), generate)
 
-    def _step_fn(self, use_guidance, scheduler, mode, size):
+    def _step_fn(self, use_guidance, scheduler, mode, size, clip_skip):
         """One denoising step as a compiled function (the callback path)."""
 
         def step(latents, state, i, context, tables, guidance, temperature, seed, cond):
@@ -213,7 +263,101 @@ class Text2Image:
             latents, state, _ = sampling.denoise_step(self.unet, plan, latents, state, i, context)
             return latents, state
 
-        return self._compiled(("step", use_guidance, scheduler, mode, size), step)
+        return self._compiled(("step", use_guidance, scheduler, mode, size, clip_skip), step)
+
+    # ------------------------------------------------------------ LoRA and textual inversion
+    @property
+    def lora_stack(self):
+        """The LoRAs merged into this pipeline's networks (`diffusion_tf.lora.LoraStack`)."""
+        if self._lora_stack is None:
+            from diffusion_tf.lora import LoraStack
+
+            self._lora_stack = LoraStack({"unet": self.unet, "text_encoder": self.text_encoder})
+        return self._lora_stack
+
+    def load_lora(self, path, scale=1.0):
+        """Merge a LoRA file (kohya/A1111 or diffusers/PEFT; `.safetensors`, or `.pt`/`.ckpt`/`.bin`
+        read without running code) into the networks at `scale`; returns its name. Call again to
+        stack several. The merged weights cost nothing per step; on any error (a key that fits no
+        weight, another architecture, NaN, a bad scale) nothing changes."""
+        return self.lora_stack.load(path, scale)
+
+    def set_lora_scale(self, name, scale):
+        """Change a loaded LoRA's scale (merged again from the factors kept in memory; the file
+        is not read)."""
+        self.lora_stack.set_scale(name, scale)
+
+    def unload_loras(self):
+        """Take every LoRA out: each weight is again bit for bit what was loaded from the model."""
+        if self._lora_stack is not None:
+            self._lora_stack.unload_all()
+        self._prompt_loras = {}
+
+    @property
+    def loras(self):
+        """The merged LoRAs, in load order (name, path, scale, hash, ...)."""
+        return [] if self._lora_stack is None else list(self._lora_stack.entries)
+
+    def load_textual_inversion(self, path, token=None):
+        """Add a textual-inversion embedding (A1111 `.pt`/`.safetensors`, diffusers
+        `learned_embeds.*`) as a new word; returns the tokens added (`tok`, `tok_1`, ... for
+        several vectors; `tok` alone in a prompt stands for all). `token` defaults to the file's
+        own name (A1111's `name`, a diffusers file's key), else the file stem. A token that is
+        already a word of the vocabulary, or vectors of another width, are a ValueError and
+        nothing is added."""
+        return self.conditioning.load_embedding(path, token)
+
+    def unload_textual_inversion(self):
+        """Forget every added token."""
+        self.conditioning.unload_embeddings()
+
+    def _folder(self, given, name):
+        if given is not None:
+            return os.fspath(given)
+        from diffusion_tf.presets.cache import cache_dir
+
+        return os.path.join(cache_dir(), name)
+
+    def _prompt_networks(self, prompts, negatives):
+        """The prompts without their `<lora:...>` tags, with the LoRAs they name merged (those of
+        the previous call that they no longer name taken out) and the embedding folder's words
+        they use loaded."""
+        cleaned, tag_sets = [], []
+        for p in prompts:
+            text, tags = syntax.extract_networks(p)
+            cleaned.append(text)
+            tag_sets.append(dict(tags))
+        if any(t != tag_sets[0] for t in tag_sets):
+            raise ValueError(
+                f"the prompts of one call name different LoRAs ({tag_sets[0]} and "
+                f"{next(t for t in tag_sets if t != tag_sets[0])}); LoRAs are merged into the weights, so "
+                "give every prompt of a call the same <lora:...> tags.")
+        wanted = tag_sets[0]
+        for n in negatives:
+            text, tags = syntax.extract_networks(n)
+            cleaned.append(text)
+            wanted.update(tags)
+        if wanted or self._prompt_loras:
+            self._sync_prompt_loras(wanted)
+        folder = self._folder(self.embedding_dir, "embeddings")
+        for stem, path in textual_inversion.find_in_folder(folder, " ".join(cleaned)).items():
+            if stem not in self.conditioning.embeddings:
+                self.load_textual_inversion(path, token=stem)
+        return cleaned[:len(prompts)], cleaned[len(prompts):]
+
+    def _sync_prompt_loras(self, wanted):
+        folder = self._folder(self.lora_dir, "loras")
+        paths = {}
+        for name in wanted:
+            paths[name] = _find_lora(folder, name)
+        stack = self.lora_stack
+        for name in [n for n in self._prompt_loras if n not in wanted]:
+            stack.remove(self._prompt_loras.pop(name))
+        for name, scale in wanted.items():
+            if name in self._prompt_loras:
+                stack.set_scale(self._prompt_loras[name], scale)
+            else:
+                self._prompt_loras[name] = stack.load(paths[name], scale)
 
     # ------------------------------------------------------------ API
     def generate(
@@ -237,6 +381,7 @@ class Text2Image:
         width=None,
         init_latents=None,
         output_type="np",
+        clip_skip=None,
     ):
         """Generate images; returns uint8 [len(prompts) * batch_size, H, W, 3].
 
@@ -267,12 +412,17 @@ class Text2Image:
         space, e.g. `encode(images)` or another generation's `output_type="latent"`) instead
         of `init_image`. `output_type`: "np" (uint8 images) or "latent" (the final latents,
         float32 [B, h, w, 4], not decoded), as diffusers'.
+
+        Prompts follow A1111's conventions (see the class docstring: `prompt_syntax`,
+        `long_prompts`): `(word:1.3)` emphasis, BREAK, prompts of any length, `<lora:NAME:SCALE>`
+        (merged for this and later calls that name it, found in `lora_dir`) and the words of
+        `embedding_dir`. `clip_skip`: this call's (default: the constructor's).
         """
         request = GenerationRequest(
             prompt, negative_prompt=negative_prompt, num_steps=num_steps,
             guidance_scale=unconditional_guidance_scale, seed=seed, batch_size=batch_size, height=height,
             width=width, scheduler=scheduler, temperature=temperature, init_image=init_image, strength=strength,
-            mask=mask, outpaint=outpaint, paste_back=paste_back, latents=latents,
+            mask=mask, outpaint=outpaint, paste_back=paste_back, latents=latents, clip_skip=clip_skip,
         )
         return self.run(request, callback=callback, init_latents=init_latents, output_type=output_type)
 
@@ -285,8 +435,9 @@ class Text2Image:
         sched = self.scheduler if request.scheduler is None else self.get_scheduler(request.scheduler)
         num_steps = request.num_steps if request.num_steps is not None else self.defaults["num_steps"]
         guidance = request.guidance_scale if request.guidance_scale is not None else self.defaults["guidance"]
-        prompts = request.prompts()
-        negatives = negative_list(request.negative_prompt, len(prompts))
+        clip_skip = self._clip_skip(request.clip_skip)
+        prompts, negatives = self._prompt_networks(request.prompts(),
+                                                   negative_list(request.negative_prompt, len(request.prompts())))
         edit = editing.prepare(request.init_image, request.strength, request.mask, request.outpaint)
         size = self._request_size(request, edit, init_latents)
         shape = (size[0] // self.vae.downsampling_factor, size[1] // self.vae.downsampling_factor,
@@ -299,9 +450,14 @@ class Text2Image:
         timesteps = sched.set_timesteps(num_steps)  # before init_noise_sigma (it may depend on it)
         noise = self._start_noise(request.latents, seeds, shape, size)
 
-        # 2. Encode the prompt (the text encoder itself runs inside the compiled function)
+        # 2. Encode the prompt: tokens and weights here, the text encoder inside the compiled function
         use_guidance = guidance > 1.0
-        cond_ids, uncond_ids = tf.constant(self.tokenizer(prompts)), tf.constant(self.tokenizer(negatives))
+        (ids, weights), (uncond_ids, uncond_weights) = self.conditioning.pair(prompts, negatives)
+        text = {"ids": tf.constant(ids), "weights": tf.constant(weights)}
+        if use_guidance:
+            text.update(uncond_ids=tf.constant(uncond_ids), uncond_weights=tf.constant(uncond_weights))
+        extra = self.conditioning.extra_embeddings()
+        extra = None if extra is None else tf.constant(extra)
 
         # 3. Prepare the latents (and the editing conditions)
         tables = {k: tf.constant(v) for k, v in sched.tables.items()}
@@ -314,16 +470,16 @@ class Text2Image:
         decode = output_type != "latent"
         args = (tf.constant(guidance, "float32"), tf.constant(request.temperature, "float32"),
                 tf.constant(seed, "int64"))
-        key = (use_guidance, sched, tuple(sorted(cond)), tuple(int(d) for d in latents.shape[1:3]))
+        key = (use_guidance, sched, tuple(sorted(cond)), tuple(int(d) for d in latents.shape[1:3]), clip_skip)
         fn = self._generate_fn(*key, decode=decode) if callback is None else self._step_fn(*key)
         with compiler_memory.released(fn.experimental_get_tracing_count() == 0):
             if callback is None and self.strategy.num_replicas_in_sync > 1:
                 images, latents = self._distributed_generate(
-                    fn, self.strategy.num_replicas_in_sync, cond_ids, uncond_ids, latents, tables, args, start, cond)
+                    fn, self.strategy.num_replicas_in_sync, text, extra, latents, tables, args, start, cond)
             elif callback is None:
-                images, latents = fn(cond_ids, uncond_ids, latents, tables, *args, tf.constant(start, "int32"), cond)
+                images, latents = fn(text, extra, latents, tables, *args, tf.constant(start, "int32"), cond)
             else:
-                latents = self._run_with_callback(fn, key, cond_ids, uncond_ids, latents, tables, args, start,
+                latents = self._run_with_callback(fn, key, text, extra, latents, tables, args, start,
                                                   cond, timesteps, callback)
                 images = self._compiled(("decode", key[3]), self.decode)(latents) if decode else latents
         if not decode:
@@ -404,13 +560,11 @@ class Text2Image:
             cond = {"mask": tf.constant(m[None]), "image_latents": image_latents, "noise": noise}
         return latents, start, cond
 
-    def _run_with_callback(self, fn, key, cond_ids, uncond_ids, latents, tables, args, start, cond, timesteps,
-                           callback):
+    def _run_with_callback(self, fn, key, text, extra, latents, tables, args, start, cond, timesteps, callback):
         """The loop on the host, one compiled step at a time, calling `callback(k, n, t)` after each."""
-        use_guidance = key[0]
-        context = self._compiled(("context", use_guidance), lambda c, u: self._context(c, u, use_guidance))(
-            cond_ids, uncond_ids
-        )
+        use_guidance, clip_skip = key[0], key[4]
+        context = self._compiled(("context", use_guidance, clip_skip),
+                                 lambda t, e: self._context(t, e, use_guidance, clip_skip))(text, extra)
         state = key[1].init_state(latents)
         run = len(timesteps) - start
         for k, t in enumerate(timesteps[start:]):
@@ -418,7 +572,7 @@ class Text2Image:
             callback(k, run, t.item())
         return latents
 
-    def _distributed_generate(self, fn, replicas, cond_ids, uncond_ids, latents, tables, args, start, cond):
+    def _distributed_generate(self, fn, replicas, text, extra, latents, tables, args, start, cond):
         """`fn` on each replica with its contiguous share of the batch (shares differ by at most
         one; a replica may get none); the results concatenated in order."""
         batch = int(latents.shape[0])
@@ -426,7 +580,7 @@ class Text2Image:
         # The conditioning tensors with one row per image are split; the others are shared.
         split_cond = {k: v for k, v in cond.items() if int(v.shape[0]) == batch}
         shared_cond = {k: v for k, v in cond.items() if k not in split_cond}
-        per_image = {"cond_ids": cond_ids, "uncond_ids": uncond_ids, "latents": latents, "cond": split_cond}
+        per_image = {"text": text, "latents": latents, "cond": split_cond}
 
         def share(ctx):
             r = ctx.replica_id_in_sync_group
@@ -435,15 +589,15 @@ class Text2Image:
         values = self.strategy.experimental_distribute_values_from_function(share)
         key = ("distributed", fn)
         if key not in self._functions:
-            def run(values, tables, guidance, temperature, seed, start, shared_cond):
+            def run(values, extra, tables, guidance, temperature, seed, start, shared_cond):
                 def replica_fn(v):
-                    return fn(v["cond_ids"], v["uncond_ids"], v["latents"], tables, guidance, temperature,
+                    return fn(v["text"], extra, v["latents"], tables, guidance, temperature,
                               seed, start, {**shared_cond, **v["cond"]})
 
                 return self.strategy.run(replica_fn, args=(values,))
 
             self._functions[key] = tf.function(run)
-        images, out = self._functions[key](values, tables, *args, tf.constant(start, "int32"), shared_cond)
+        images, out = self._functions[key](values, extra, tables, *args, tf.constant(start, "int32"), shared_cond)
         local = self.strategy.experimental_local_results
         return (np.concatenate([np.asarray(x) for x in local(images)]),
                 np.concatenate([np.asarray(x) for x in local(out)]))
@@ -495,6 +649,24 @@ class Text2Image:
         masked = self.encode(editing.masked_image(image, mask)[None])
         extra = ops.concatenate([ops.convert_to_tensor(editing.latent_mask(mask, f)[None]), masked], axis=-1)
         return {"extra": tf.tile(extra, [batch, 1, 1, 1])}
+
+
+LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt", ".bin")
+
+
+def _find_lora(folder, name):
+    """The file of `<lora:name>` in `folder` (its stem, case-sensitive first); ValueError naming
+    what is there otherwise."""
+    files = sorted(f for f in os.listdir(folder) if os.path.splitext(f)[1].lower() in LORA_EXTENSIONS) \
+        if os.path.isdir(folder) else []
+    for same in (lambda a, b: a == b, lambda a, b: a.lower() == b.lower()):
+        for f in files:
+            if same(os.path.splitext(f)[0], name):
+                return os.path.join(folder, f)
+    raise ValueError(
+        f"<lora:{name}>: no LoRA file named {name!r} (.safetensors, .pt, .ckpt or .bin) in {folder!r}"
+        + (f"; it holds {', '.join(os.path.splitext(f)[0] for f in files[:20])}." if files else " (none there).")
+    )
 
 
 def _strategy(distribute):

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.xdist_group("tiny-sd1")  # shares the session's tiny pi
 
 # ---------------------------------------------------------------- prompts: accepted
 @pytest.mark.parametrize("prompt", [
-    "@" * 100,  # 100 tokens: truncated to 77 with a warning
+    "@" * 100,  # 100 tokens: two 77-token chunks (A1111's rule), nothing truncated
     "<|endoftext|>",  # the literal special token: encoded as the end-of-text id, as transformers does
     "a cat 🐱🚀 on the moon",  # emoji
     "قطة على القمر",  # right-to-left text
@@ -27,8 +27,19 @@ def test_unusual_prompts_generate_an_image(pipe, prompt):
         warnings.simplefilter("always")
         image = pipe.generate(prompt, num_steps=STEPS, seed=0)
     assert image.shape == (1, 64, 64, 3) and image.dtype == np.uint8
-    truncated = [w for w in caught if "truncated" in str(w.message)]
-    assert bool(truncated) == (prompt == "@" * 100)
+    assert not [w for w in caught if "truncated" in str(w.message)]
+
+
+def test_long_prompt_is_chunked_by_default_and_truncated_with_a_warning_as_diffusers(pipe, folder):
+    long = "@" * 100
+    assert tuple(pipe.encode_text(long).shape[:2]) == (1, 154)
+    cut = Text2Image(model=folder, long_prompts="truncate")
+    with pytest.warns(UserWarning, match="truncated"):
+        context = cut.encode_text(long)
+    assert tuple(context.shape[:2]) == (1, 77)
+    # the first chunk of the long prompt is the truncated prompt's context (up to the float rounding
+    # of a batch of two chunks against one)
+    np.testing.assert_allclose(np.asarray(context), np.asarray(pipe.encode_text(long))[:, :77], atol=1e-5)
 
 
 def test_special_token_and_blank_prompts_tokenize_as_documented(pipe):
