@@ -165,6 +165,11 @@ class CLIPTokenizer:
         self._compile_special()
         return ids
 
+    def added_tokens_in(self, text):
+        """The added tokens (as stored: cleaned) that tokenizing `text` splits out."""
+        parts = self._special.split(_clean(text))
+        return {p for p in parts[1::2] if p in self.added_tokens}
+
     def remove_added_tokens(self):
         """Forget every added token (the vocabulary is as loaded)."""
         for clean, i in self.added_tokens.items():

@@ -165,8 +165,9 @@ class Text2Image:
         return (self.img_height // f, self.img_width // f, self.vae.latent_channels)
 
     def tokenize(self, prompts):
-        """The tokenizer's ids [B, 77] (plain text: no prompt syntax, no chunks)."""
-        return self.tokenizer(prompt_list(prompts))
+        """The tokenizer's ids [B, 77] (plain text: no prompt syntax, no chunks; multi-vector
+        textual-inversion tokens expanded as diffusers' `maybe_convert_prompt`)."""
+        return self.tokenizer([self.conditioning.convert_prompt(p) for p in prompt_list(prompts)])
 
     def encode_text(self, prompts, clip_skip=None):
         """Prompts -> the cross-attention context [B, 77 k, D]: A1111's emphasis and chunks (k > 1
@@ -298,14 +299,17 @@ class Text2Image:
         """The merged LoRAs, in load order (name, path, scale, hash, ...)."""
         return [] if self._lora_stack is None else list(self._lora_stack.entries)
 
-    def load_textual_inversion(self, path, token=None):
+    def load_textual_inversion(self, path, token=None, expand=None):
         """Add a textual-inversion embedding (A1111 `.pt`/`.safetensors`, diffusers
         `learned_embeds.*`) as a new word; returns the tokens added (`tok`, `tok_1`, ... for
         several vectors; `tok` alone in a prompt stands for all). `token` defaults to the file's
         own name (A1111's `name`, a diffusers file's key), else the file stem. A token that is
         already a word of the vocabulary, or vectors of another width, are a ValueError and
-        nothing is added."""
-        return self.conditioning.load_embedding(path, token)
+        nothing is added. `expand`: None as diffusers (the prompt text spelling `tok` exactly as
+        loaded is rewritten to `tok tok_1 ...`; so a mixed-case multi-vector token, e.g.
+        "EasyNegative", reads only its first vector, diffusers' quirk); True: `tok` stands for all
+        its vectors wherever it is found, as A1111 (the embedding folder's words always do)."""
+        return self.conditioning.load_embedding(path, token, expand=expand)
 
     def unload_textual_inversion(self):
         """Forget every added token."""
@@ -342,7 +346,7 @@ class Text2Image:
         folder = self._folder(self.embedding_dir, "embeddings")
         for stem, path in textual_inversion.find_in_folder(folder, " ".join(cleaned)).items():
             if stem not in self.conditioning.embeddings:
-                self.load_textual_inversion(path, token=stem)
+                self.load_textual_inversion(path, token=stem, expand=True)
         return cleaned[:len(prompts)], cleaned[len(prompts):]
 
     def _sync_prompt_loras(self, wanted):

@@ -64,10 +64,24 @@ class TextConditioning:
         self.prompt_syntax, self.long_prompts = prompt_syntax, long_prompts
         self._vectors = []  # one [D] row per added token id, in id order
         self.embeddings = {}  # token -> (path, its expanded tokens)
+        self._text_expansions = {}  # multi-vector tokens expanded as diffusers does: token -> "tok tok_1 ..."
 
     # ------------------------------------------------------------ host side
+    def convert_prompt(self, prompt):
+        """diffusers' `maybe_convert_prompt`: each multi-vector token (loaded the diffusers way) that
+        the tokenizer finds in the prompt is replaced, by its spelling as loaded, with `tok tok_1 ...`.
+        The tokenizer matches lower-cased text, so a token spelled in capitals is found but never
+        replaced, nor is a lower-case token typed in capitals: it reads its first vector only."""
+        if self._text_expansions:
+            found = self.tokenizer.added_tokens_in(prompt)
+            for token, replacement in self._text_expansions.items():
+                if token in found:
+                    prompt = prompt.replace(token, replacement)
+        return prompt
+
     def tokens(self, prompts, min_chunks=1):
         """(ids [B, k, 77] int32, weights [B, k, 77] float32) of a list of prompts."""
+        prompts = [self.convert_prompt(p) for p in prompts]
         return chunks.batch_chunks(self.tokenizer, prompts, syntax=self.prompt_syntax == "a1111",
                                    truncate=self.long_prompts == "truncate", min_chunks=min_chunks)
 
@@ -95,9 +109,14 @@ class TextConditioning:
         return ops.reshape(z, (b, k * t, d))
 
     # ------------------------------------------------------------ textual inversion
-    def load_embedding(self, path, token=None, key="text_encoder"):
+    def load_embedding(self, path, token=None, key="text_encoder", expand=None):
         """Add the vectors of an embedding file under `token` (default: the file's own name, else
-        its stem); returns the tokens added. Nothing changes on any error."""
+        its stem); returns the tokens added. Nothing changes on any error.
+
+        `expand`: how `tok` alone in a prompt stands for all of a multi-vector embedding's
+        tokens. None: as diffusers (`convert_prompt`: the prompt text is rewritten where it spells
+        `tok` exactly as loaded; a mixed-case token is never rewritten and reads its first vector
+        only, diffusers' quirk). True: wherever the tokenizer finds `tok`, as A1111 does."""
         file_token, vectors = textual_inversion.read_embedding(path)
         if key not in vectors:
             raise textual_inversion.EmbeddingError(
@@ -118,11 +137,13 @@ class TextConditioning:
             raise ValueError(
                 f"the tokenizer has {self.tokenizer.vocab_size} ids but the text encoder reads "
                 f"{self.text_encoder.vocab_size} + {len(self._vectors)} added: tokens cannot be added to this model.")
-        self.tokenizer.add_tokens(names)  # checks every name first; adds all or none
+        self.tokenizer.add_tokens(names, expand=bool(expand))  # checks every name first; adds all or none
         self._vectors.extend(matrix)
         self.embeddings[token] = (path, names)
+        if not expand and len(names) > 1:
+            self._text_expansions[token] = " ".join(names)
         return names
 
     def unload_embeddings(self):
         self.tokenizer.remove_added_tokens()
-        self._vectors, self.embeddings = [], {}
+        self._vectors, self.embeddings, self._text_expansions = [], {}, {}
