@@ -35,7 +35,7 @@ setup(
         "test": ["pytest", "pytest-xdist", "hypothesis", "nbformat", "nbclient", "ipykernel"],
         "app": ["gradio>=5,<7"],
         "e2e": ["playwright"],
-        "parity": ["torch==2.13.0", "diffusers==0.42.1", "transformers==5.23.0"],
+        "parity": ["torch==2.13.0", "diffusers==0.42.1", "transformers==5.23.0", "peft==0.21.2"],
     },
     entry_points={
         "console_scripts": [
