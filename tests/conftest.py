@@ -25,6 +25,7 @@ FAST = {
     "convert/test_safetensors_reader.py", "convert/test_fuzz_readers.py", "shapes/test_shapes.py",
     "programs/test_main_info.py", "benchmarks/test_peak_memory.py", "runtime/test_runtime.py",
     "schedulers/test_schedulers.py", "prompts/test_syntax.py", "prompts/test_chunks.py",
+    "prompts/test_fuzz_embeddings.py",
 }
 HERE = os.path.dirname(os.path.abspath(__file__))
 
