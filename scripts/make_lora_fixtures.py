@@ -12,14 +12,17 @@ generator seeded by its key):
                               feed-forward linear, proj_in/proj_out (1x1 convolutions), 3x3 resnet convs,
                               a 1x1 conv_shortcut, a time_emb_proj, a downsampler, an upsampler, conv_in,
                               conv_out, and the text encoder's q/k/v/out_proj and mlp fc1/fc2; ranks 4
-                              (linear) and 2 (convolutions), alpha 2 (!= rank)
+                              (linear, 1x1) and 2 (3x3), alphas != rank and per module: 2 (UNet linear),
+                              3 (1x1 convolutions), 1 (3x3), 3 (text encoder)
     peft.safetensors          written by diffusers' StableDiffusionPipeline.save_lora_weights from peft
                               adapters (unet.*.lora_A/lora_B, text_encoder.*), with the
                               lora_adapter_metadata it writes (r 4, lora_alpha 8, a rank_pattern and an
                               alpha_pattern)
     attn_procs.safetensors    the old attention-processor layout (unet.*.processor.to_q_lora.down.weight)
+    peft_dora.safetensors     the same with use_dora (lora_magnitude_vector) in the UNet: DoRA on linears,
+                              1x1 and 3x3 convolutions (its text encoder part is plain LoRA)
     kohya_ldm.safetensors     kohya keys in the original LDM names (lora_unet_input_blocks_1_1_...,
-                              ..._in_layers_2, middle_block_..., output_blocks_...), alpha 2
+                              ..._in_layers_2, middle_block_..., output_blocks_...), the same factors
 
 and reference.npz with diffusers' outputs (StableDiffusionPipeline.load_lora_weights(file,
 adapter_name=...) + set_adapters) for each case of CASES:
@@ -56,7 +59,7 @@ from make_parity_fixtures import clip_keys, load_random, nchw, nhwc, tokenizer_f
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "tiny-sd1")
 OUT = os.path.join(ROOT, "tests", "fixtures", "lora")
 FILES = {"kohya": "kohya_locon.safetensors", "peft": "peft.safetensors", "attn_procs": "attn_procs.safetensors",
-         "ldm": "kohya_ldm.safetensors"}
+         "ldm": "kohya_ldm.safetensors", "dora": "peft_dora.safetensors"}
 #: case -> ([(file, scale)], what is recorded)
 CASES = {
     "kohya": ([("kohya", 0.7)], ("text_embeds", "unet_out", "gen")),
@@ -64,8 +67,10 @@ CASES = {
     "both": ([("kohya", 0.5), ("peft", 0.8)], ("text_embeds", "unet_out", "gen")),
     "attn_procs": ([("attn_procs", 1.0)], ("unet_out",)),
     "ldm": ([("ldm", 0.7)], ("unet_out",)),
+    "dora": ([("dora", 0.8)], ("text_embeds", "unet_out")),
+    "dora_kohya": ([("dora", 0.6), ("kohya", 0.5)], ("text_embeds", "unet_out")),
 }
-KOHYA_ALPHA = 2.0
+KOHYA_ALPHAS = {"linear": 2.0, "1x1": 3.0, "3x3": 1.0, "text": 3.0}  # rank 4, 4, 2, 4
 
 
 def factor(key, shape, gain=0.5):
@@ -129,7 +134,7 @@ def _te_modules(text_encoder):
             if isinstance(m, torch.nn.Linear) and (".self_attn." in name or ".mlp." in name)}
 
 
-def _kohya_pair(prefix, module, rank):
+def _kohya_pair(prefix, module, rank, alpha):
     if isinstance(module, torch.nn.Conv2d):
         out_c, in_c, kh, kw = module.weight.shape
         down_shape, up_shape = (rank, in_c, kh, kw), (out_c, rank, 1, 1)
@@ -139,18 +144,19 @@ def _kohya_pair(prefix, module, rank):
     return {
         f"{prefix}.lora_down.weight": factor(f"{prefix}.down", down_shape),
         f"{prefix}.lora_up.weight": factor(f"{prefix}.up", up_shape),
-        f"{prefix}.alpha": np.array(KOHYA_ALPHA, dtype=np.float32),
+        f"{prefix}.alpha": np.array(alpha, dtype=np.float32),
     }
 
 
 def kohya_tensors(pipe):
     tensors = {}
     for name, module in _unet_modules(pipe.unet).items():
-        rank = 2 if isinstance(module, torch.nn.Conv2d) and module.kernel_size != (1, 1) else 4
-        tensors.update(_kohya_pair("lora_unet_" + name.replace(".", "_"), module, rank))
+        kind = "linear" if isinstance(module, torch.nn.Linear) else "1x1" if module.kernel_size == (1, 1) else "3x3"
+        tensors.update(_kohya_pair("lora_unet_" + name.replace(".", "_"), module, 2 if kind == "3x3" else 4,
+                                   KOHYA_ALPHAS[kind]))
     for name, module in _te_modules(pipe.text_encoder).items():
         path = name if name.startswith("text_model.") else "text_model." + name
-        tensors.update(_kohya_pair("lora_te_" + path.replace(".", "_"), module, 4))
+        tensors.update(_kohya_pair("lora_te_" + path.replace(".", "_"), module, 4, KOHYA_ALPHAS["text"]))
     return tensors
 
 
@@ -186,34 +192,54 @@ def attn_procs_tensors(pipe):
     return tensors
 
 
-def write_peft(tmp):
-    """peft adapters on a fresh pipeline, filled with deterministic values, saved by diffusers."""
+def _config_dict(config):
+    """LoraConfig.to_dict() with its sets as sorted lists (a set's order varies between runs)."""
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+
+
+def write_peft(tmp, dora=False):
+    """peft adapters on a fresh pipeline, filled with deterministic values, saved by diffusers (DoRA:
+    use_dora, magnitudes = the base weight's per-output norms times 1 + N(0, 0.1^2))."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
+    torch.manual_seed(0)
     pipe = build_pipeline(tmp)
-    unet_config = LoraConfig(
-        r=4, lora_alpha=8, init_lora_weights=False,
-        target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "time_emb_proj"],
-        rank_pattern={"down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": 2},
-        alpha_pattern={"conv1": 3},
-    )
-    te_config = LoraConfig(r=4, lora_alpha=2, init_lora_weights=False, target_modules=["q_proj", "v_proj", "fc1"])
+    if dora:
+        unet_config = LoraConfig(r=4, lora_alpha=6, init_lora_weights=False, use_dora=True,
+                                 target_modules=["to_q", "to_v", "proj_in", "conv1", "ff.net.2"])
+        # The text encoder's part is plain LoRA: with transformers 5, diffusers 0.42 does not load a text
+        # encoder's lora_magnitude_vector (its load report lists them as unexpected), so there is no reference.
+        te_config = LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj", "fc1"])
+    else:
+        unet_config = LoraConfig(
+            r=4, lora_alpha=8, init_lora_weights=False,
+            target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "time_emb_proj"],
+            rank_pattern={"down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": 2},
+            alpha_pattern={"conv1": 3},
+        )
+        te_config = LoraConfig(r=4, lora_alpha=2, init_lora_weights=False, target_modules=["q_proj", "v_proj", "fc1"])
     pipe.unet.add_adapter(unet_config, adapter_name="fixture")
     pipe.text_encoder.add_adapter(te_config, adapter_name="fixture")
     layers = {}
     for component, model in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
         with torch.no_grad():
             for name, param in model.named_parameters():
-                if ".lora_" in name:
+                if "lora_magnitude_vector" in name:
+                    base = model.get_submodule(name.split(".lora_magnitude_vector")[0]).base_layer.weight
+                    norm = base.flatten(1).norm(dim=1).reshape(param.shape)
+                    rng = np.random.default_rng([8, zlib.crc32(name.encode())])
+                    noise = torch.from_numpy((1 + 0.1 * rng.standard_normal(tuple(param.shape))).astype("float32"))
+                    param.copy_(norm * noise)
+                elif ".lora_" in name:
                     param.copy_(torch.from_numpy(factor(f"{component}.{name}", tuple(param.shape))))
         layers[component] = get_peft_model_state_dict(model, adapter_name="fixture")
     diffusers.StableDiffusionPipeline.save_lora_weights(
         tmp, unet_lora_layers=layers["unet"], text_encoder_lora_layers=layers["text_encoder"],
-        unet_lora_adapter_metadata=unet_config.to_dict(), text_encoder_lora_adapter_metadata=te_config.to_dict(),
-        weight_name=FILES["peft"], safe_serialization=True,
+        unet_lora_adapter_metadata=_config_dict(unet_config), text_encoder_lora_adapter_metadata=_config_dict(te_config),
+        weight_name=FILES["dora" if dora else "peft"], safe_serialization=True,
     )
-    return os.path.join(tmp, FILES["peft"])
+    return os.path.join(tmp, FILES["dora" if dora else "peft"])
 
 
 def write_files(out=OUT):
@@ -226,8 +252,9 @@ def write_files(out=OUT):
                               ("attn_procs", attn_procs_tensors(pipe))):
             save_file(tensors, os.path.join(out, FILES[kind]), metadata={"ss_network_module": "networks.lora"}
                       if kind != "attn_procs" else None)
-        with open(write_peft(tmp), "rb") as src, open(os.path.join(out, FILES["peft"]), "wb") as dst:
-            dst.write(src.read())
+        for kind in ("peft", "dora"):
+            with open(write_peft(tmp, dora=kind == "dora"), "rb") as src, open(os.path.join(out, FILES[kind]), "wb") as dst:
+                dst.write(src.read())
 
 
 # ----------------------------------------------------------------------------- the reference

@@ -23,9 +23,14 @@ old diffusers attention processors (`diffusers-attn-procs`)
     to_out_lora -> to_out.0), with or without the `unet.` prefix; also `<module>.lora.down.weight`
     and the text encoder's `self_attn.to_q_lora` / `mlp.fc1.lora_linear_layer`. Alpha = rank.
 
+DoRA in PEFT's layout (`<module>.lora_magnitude_vector`, diffusers/peft `use_dora`) is applied as peft
+does: W = W0 + (c - 1) * W0 + c * s * dW with c = magnitude / ||W0 + s * dW|| per output channel (the
+norm over the inputs and kernel), s = scale * alpha / rank.
+
 Refused with an error that names the algorithm: LoHa (`hada_w1_a`...), LoKr (`lokr_w1`...), IA3
-(`on_input`), LyCORIS full-weight differences (`diff`), DoRA (`dora_scale`, `lora_magnitude_vector`),
-PEFT's `lora_B` biases and embedding LoRAs; a full model checkpoint given as a LoRA.
+(`on_input`), LyCORIS full-weight differences (`diff`), DoRA in kohya/LyCORIS layout (`dora_scale`:
+diffusers drops those keys, so there is no reference to match), PEFT's `lora_B` biases and embedding
+LoRAs; a full model checkpoint given as a LoRA.
 """
 
 import dataclasses
@@ -60,6 +65,7 @@ class Update:
     mid: object        # None, or the CP/Tucker core [r, r, kh, kw] (lora_mid)
     factor: float      # alpha / rank (or alpha / sqrt(rank)): the update at scale 1 is factor * up @ down
     keys: tuple        # the file keys it consumed
+    magnitude: object = None  # DoRA (PEFT lora_magnitude_vector): the per-output-channel magnitude [out]
 
     @property
     def rank(self):
@@ -160,8 +166,9 @@ _ALGORITHMS = [  # (suffix test, name)
     (lambda s: s.startswith("lokr_"), "LoKr (LyCORIS Kronecker product, lokr_w1/lokr_w2/...)"),
     (lambda s: s in ("on_input",), "IA3 ((IA)^3 scaling vectors, weight/on_input)"),
     (lambda s: s in ("diff", "diff_b"), "a LyCORIS full-weight difference (diff/diff_b)"),
-    (lambda s: s == "dora_scale" or s.startswith("lora_magnitude_vector"),
-     "DoRA (weight-decomposed LoRA, dora_scale/lora_magnitude_vector)"),
+    (lambda s: s == "dora_scale",
+     "DoRA in kohya/LyCORIS layout (dora_scale; diffusers ignores these keys, PEFT's lora_magnitude_vector "
+     "layout is supported)"),
     (lambda s: s.startswith(("lora_embedding_A", "lora_embedding_B")), "a PEFT embedding LoRA (lora_embedding_A/B)"),
     (lambda s: s.startswith(("lora_B.bias", "lora_up.bias")), "a LoRA with biases on lora_B (PEFT lora_bias)"),
 ]
@@ -348,13 +355,17 @@ def _diffusers(path, tensors, metadata):
         if rest.endswith(".alpha"):
             pairs[component, rest[: -len(".alpha")]]["alpha"] = key
             continue
+        if rest.endswith(".lora_magnitude_vector"):
+            pairs[component, rest[: -len(".lora_magnitude_vector")]]["magnitude"] = key
+            formats.add("peft")
+            continue
         unknown.append(key)
     updates = []
     for (component, module), parts in pairs.items():
         if "down" not in parts or "up" not in parts:
             have = parts.get("down") or parts.get("up")
             if have is None:
-                unknown.append(parts["alpha"])
+                unknown += [parts[k] for k in ("alpha", "magnitude") if k in parts]
                 continue
             raise LoraError(f"LoRA file {path!r}: {have!r} has no matching "
                             f"{'up (lora_B)' if 'down' in parts else 'down (lora_A)'} weight.")
@@ -365,7 +376,13 @@ def _diffusers(path, tensors, metadata):
             factor = _scalar(path, parts["alpha"], tensors[parts["alpha"]]) / rank
         else:
             factor = _peft_factor(path, configs.get(component) or configs.get("") or {}, module, rank)
-        updates.append(Update(component, "dotted", module, down, up, None, factor, tuple(parts.values())))
+        magnitude = None
+        if "magnitude" in parts:
+            magnitude = tensors[parts["magnitude"]].astype(np.float32).reshape(-1)
+            if magnitude.size != up.shape[0]:
+                raise LoraError(f"LoRA file {path!r}: {parts['magnitude']!r} has {magnitude.size} values, its "
+                                f"lora_B {up.shape[0]} outputs (DoRA needs one magnitude per output).")
+        updates.append(Update(component, "dotted", module, down, up, None, factor, tuple(parts.values()), magnitude))
     fmt = "peft" if formats == {"peft"} else "diffusers-attn-procs" if formats else "unknown"
     if len(formats) > 1:
         fmt = "peft+diffusers-attn-procs"

@@ -5,6 +5,8 @@ the first time it is touched, and the merged value is always recomputed from it:
 
     W = W0 + sum_i scale_i * factor_i * (up_i @ down_i)        (float32, then cast to the variable dtype)
 
+(DoRA updates, PEFT's lora_magnitude_vector, add peft's weight-decomposed change instead; see formats.py)
+
 with the update computed in PyTorch layout and transposed to ours. A compiled function reads the
 variables when it runs, so the merged weights cost nothing per step and need no retracing. Removing
 the last LoRA of a variable assigns the kept W0 back, so `unload_all()` restores every weight bit
@@ -70,6 +72,16 @@ def torch_delta(update):
     else:
         delta = (up @ down).reshape(_delta_shape(update))
     return np.float32(update.factor) * delta
+
+
+def _dora_delta(w0, delta, magnitude):
+    """peft's DoRA as a change of W0 (torch layout): (c - 1) * W0 + c * delta, c = magnitude / ||W0 + delta||
+    per output channel (the norm over every other axis, taken from the base weight)."""
+    axes = tuple(range(1, w0.ndim))
+    norm = np.sqrt(np.sum(np.square(w0 + delta, dtype=np.float64), axis=axes, keepdims=True))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c = (magnitude.reshape((-1,) + (1,) * (w0.ndim - 1)) / norm).astype(np.float32)
+    return (c - 1) * w0 + c * delta
 
 
 @dataclasses.dataclass
@@ -227,8 +239,11 @@ class LoraStack:
             if target is not None:
                 if total is None:
                     total = original.astype(np.float32)
-                delta = torch_delta(target.update).reshape(torch_shape)
-                total += np.float32(entry.scale) * np.transpose(delta, inverse)
+                delta = np.float32(entry.scale) * torch_delta(target.update).reshape(torch_shape)
+                if target.update.magnitude is not None:
+                    delta = _dora_delta(np.transpose(original.astype(np.float32), perm), delta,
+                                        target.update.magnitude)
+                total += np.transpose(delta, inverse)
                 used = True
         if not used:
             return original, False

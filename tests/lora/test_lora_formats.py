@@ -327,9 +327,9 @@ def test_other_algorithms_are_named(stack, tmp_path, suffixes, algorithm):
     refused(stack, write(tmp_path, tensors), rf"is .*{algorithm}.*supports LoRA and LoCon")
 
 
-def test_peft_dora_bias_embedding_are_named(stack, tmp_path):
+def test_peft_bias_embedding_are_named(stack, tmp_path):
     base = {f"unet.{Q}.lora_A.weight": np.ones((4, 32), "float32"), f"unet.{Q}.lora_B.weight": np.ones((32, 4), "float32")}
-    for extra, algorithm in ((f"unet.{Q}.lora_magnitude_vector", "DoRA"), (f"unet.{Q}.lora_B.bias", "biases on lora_B"),
+    for extra, algorithm in ((f"unet.{Q}.lora_B.bias", "biases on lora_B"),
                              ("text_encoder.text_model.embeddings.token_embedding.lora_embedding_A", "embedding LoRA")):
         refused(stack, write(tmp_path, {**base, extra: np.ones(32, "float32")}), rf"is .*{algorithm}")
 
@@ -427,3 +427,22 @@ def test_torch_delta_layouts():
     delta = torch_delta(Update("unet", "dotted", "x", down, up, None, 0.5, ()))
     np.testing.assert_allclose(delta, 0.5 * np.einsum("or,rikl->oikl", up[:, :, 0, 0], down), atol=1e-6)
 
+
+
+def test_peft_dora_rule(stack, tmp_path):
+    """PEFT DoRA: W = W0 + (c - 1) W0 + c s dW, c = m / ||W0 + s dW|| per output (peft's norm), here for a
+    3x3 convolution (the norm over inputs and kernel); a magnitude of the wrong size is refused."""
+    rng = np.random.default_rng(9)
+    a, b = rng.standard_normal((2, 32, 3, 3)).astype("float32") * 0.1, rng.standard_normal((64, 2, 1, 1)).astype("float32") * 0.1
+    m = rng.uniform(0.5, 2, (1, 64, 1, 1)).astype("float32")
+    tensors = {f"unet.{CONV}.lora_A.weight": a, f"unet.{CONV}.lora_B.weight": b, f"unet.{CONV}.lora_magnitude_vector": m}
+    meta = {"unet.r": 2, "unet.lora_alpha": 4, "unet.use_dora": True}
+    stack.load(write(tmp_path, tensors, metadata={"lora_adapter_metadata": json.dumps(meta)}), 0.5)
+    w0 = stack.before["unet", CONV + ".weight"]
+    dw = 0.5 * 2 * np.einsum("or,rikl->oikl", b[:, :, 0, 0], a)
+    v = w0 + dw
+    expected = m.reshape(64, 1, 1, 1) / np.sqrt((v.astype("float64") ** 2).sum(axis=(1, 2, 3), keepdims=True)) * v
+    np.testing.assert_allclose(torch_weight(stack, "unet", CONV), expected, rtol=0, atol=2e-6)
+    stack.unload_all()
+    tensors[f"unet.{CONV}.lora_magnitude_vector"] = m[:, :32]
+    refused(stack, write(tmp_path, tensors, "bad.safetensors"), "DoRA needs one magnitude per output")

@@ -87,6 +87,10 @@ def _generate(pipe, tiny):
                          unconditional_guidance_scale=meta["guidance"], latents=tiny["gen_latents"])
 
 
+def _unet(pipe, tiny):
+    return pipe.unet(tiny["unet_latents"], tiny["unet_timesteps"], tiny["unet_context"])
+
+
 def _rel_error(actual, expected):
     actual, expected = np.asarray(actual), np.asarray(expected)
     assert actual.shape == expected.shape
@@ -102,7 +106,7 @@ def test_outputs_match_diffusers(clean, ref, tiny, case):
     pipe = clean
     _load_case(pipe, case)
     records = CASES[case]["records"]
-    unet = pipe.predict_noise(tiny["unet_latents"], tiny["unet_timesteps"], tiny["unet_context"])
+    unet = _unet(pipe, tiny)
     err = _rel_error(unet, ref[f"{case}_unet_out"])
     assert err <= TOL, f"{case}: UNet differs from diffusers by {err:.2e}"
     # the LoRA changes the output far more than the tolerance
@@ -138,7 +142,7 @@ def test_set_scale_does_not_read_the_file(clean, ref, tiny, tmp_path):
     path.unlink()  # from here on the file does not exist
     pipe.set_lora_scale(name, 0.7)
     assert pipe.loras[0].scale == 0.7
-    err = _rel_error(pipe.predict_noise(tiny["unet_latents"], tiny["unet_timesteps"], tiny["unet_context"]),
+    err = _rel_error(_unet(pipe, tiny),
                      ref["kohya_unet_out"])
     assert err <= TOL
     assert _rel_error(pipe.text_encoder(tiny["ids"]), ref["kohya_text_embeds"]) <= TOL
@@ -151,7 +155,7 @@ def test_stack_order_scales_and_remove(clean, ref, tiny, baseline):
     peft = pipe.load_lora(os.path.join(FIXTURES, files["peft"]), 0.8)
     kohya = pipe.load_lora(os.path.join(FIXTURES, files["kohya"]), 0.1)
     pipe.set_lora_scale(kohya, 0.5)
-    out = pipe.predict_noise(tiny["unet_latents"], tiny["unet_timesteps"], tiny["unet_context"])
+    out = _unet(pipe, tiny)
     assert _rel_error(out, ref["both_unet_out"]) <= TOL
     pipe.lora_stack.remove(peft)
     pipe.set_lora_scale(kohya, 0.7)
@@ -210,6 +214,7 @@ def _have(module):
 
 
 @pytest.mark.live
+@pytest.mark.heavy  # a minute in a fresh process (torch + diffusers); CI's second step
 @pytest.mark.skipif(not all(_have(m) for m in ("torch", "diffusers", "transformers", "peft")),
                     reason="the live LoRA check needs torch, diffusers, transformers and peft")
 def test_live_diffusers_both_case(clean, tiny, tmp_path):
@@ -224,7 +229,7 @@ def test_live_diffusers_both_case(clean, tiny, tmp_path):
         live = {k: f[k] for k in f.files}
     pipe = clean
     _load_case(pipe, "both")
-    assert _rel_error(pipe.predict_noise(tiny["unet_latents"], tiny["unet_timesteps"], tiny["unet_context"]),
+    assert _rel_error(_unet(pipe, tiny),
                       live["unet_out"]) <= TOL
     assert _rel_error(pipe.text_encoder(tiny["ids"]), live["text_embeds"]) <= TOL
     diff = int(np.abs(_generate(pipe, tiny).astype(int) - live["gen_image"].astype(int)).max())
