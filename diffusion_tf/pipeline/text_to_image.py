@@ -351,9 +351,8 @@ class Text2Image:
 
     def _sync_prompt_loras(self, wanted):
         folder = self._folder(self.lora_dir, "loras")
-        paths = {}
-        for name in wanted:
-            paths[name] = _find_lora(folder, name)
+        # every new name is found before anything changes (a loaded one is re-scaled from memory)
+        paths = {name: _find_lora(folder, name) for name in wanted if name not in self._prompt_loras}
         stack = self.lora_stack
         for name in [n for n in self._prompt_loras if n not in wanted]:
             stack.remove(self._prompt_loras.pop(name))
