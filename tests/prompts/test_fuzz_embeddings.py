@@ -15,6 +15,7 @@ from support.torch_format import save_torch_zip
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "prompts")
 SEEDS = {name: open(os.path.join(FIXTURES, name), "rb").read() for name in ("mystyle.pt", "learned_embeds.safetensors")}
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
 FUZZ = settings(max_examples=150, deadline=2000, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
