@@ -2,11 +2,15 @@
 
     python -m diffusion_tf.app [--model MODEL] [--host 127.0.0.1] [--port 7860] [--share]
                                [--output-dir DIR] [--max-upload-mb 10] [--jit-compile]
+                               [--lora-dir DIR] [--embedding-dir DIR]
 
 Tabs: text-to-image, image-to-image, inpainting (draw the area to repaint on the image),
 outpainting. Every image is written to the output folder as a PNG that carries its
-parameters (`diffusion_tf.png_info`), shown in a gallery and downloadable from it; "Reuse
-parameters" fills the controls from an uploaded PNG (or the selected gallery image).
+parameters (`diffusion_tf.png_info`, the same as the command line's: one `GenerationRequest` and
+`png_parameters`), shown in a gallery and downloadable from it; "Reuse parameters" fills the
+controls from an uploaded PNG (ours or AUTOMATIC1111's). Every tab has clip skip (A1111's
+numbering on the page) and LoRAs chosen from the LoRA folder with one scale; they become
+`<lora:NAME:SCALE>` tags at the end of the recorded prompt, with `Lora hashes`.
 
 How it behaves:
 - One model in memory (`Generator`); requests queue and run one at a time; each
@@ -80,8 +84,10 @@ def is_traversal(raw_path):
 class Generator:
     """One model in memory, one generation at a time, PNGs with parameters in `output_dir`."""
 
-    def __init__(self, model=None, output_dir="outputs", jit_compile=False, log=print):
+    def __init__(self, model=None, output_dir="outputs", jit_compile=False, log=print, lora_dir=None,
+                 embedding_dir=None):
         self.model = model
+        self.lora_dir, self.embedding_dir = lora_dir, embedding_dir
         self.output_dir = os.path.abspath(output_dir)
         self.jit_compile = bool(jit_compile)
         self.log = log
@@ -98,7 +104,8 @@ class Generator:
 
         if self._pipe is None or (attention is not None and attention != self._pipe.attention):
             self._pipe = None  # free the old one first: one model in memory
-            self._pipe = Text2Image(model=self.model, jit_compile=self.jit_compile, attention=attention)
+            self._pipe = Text2Image(model=self.model, jit_compile=self.jit_compile, attention=attention,
+                                    lora_dir=self.lora_dir, embedding_dir=self.embedding_dir)
             self.model_name = model_label(self.model, self._pipe.model_path)
         return self._pipe
 
@@ -107,7 +114,22 @@ class Generator:
         return {
             "steps": pipe.defaults["num_steps"], "guidance": pipe.defaults["guidance"],
             "scheduler": pipe.scheduler.name, "width": pipe.img_width, "height": pipe.img_height,
+            "text_layers": pipe.text_encoder.num_hidden_layers,
         }
+
+    def lora_folder(self):
+        """Where `<lora:NAME>` finds its file: `lora_dir`, else `$DIFFUSION_TF_HOME/loras`."""
+        if self.lora_dir is not None:
+            return os.path.abspath(self.lora_dir)
+        from diffusion_tf.presets.cache import cache_dir
+
+        return os.path.join(cache_dir(), "loras")
+
+    def lora_names(self):
+        """The names of the LoRA files of the LoRA folder (what the page offers)."""
+        from diffusion_tf import a1111
+
+        return list(a1111.lora_files(self.lora_folder()))
 
     def example_prompts(self, n=8):
         """Prompts the model understands, for a model that only knows its own grammar (the
@@ -132,13 +154,42 @@ class Generator:
 
     def run(self, prompt, negative_prompt="", steps=None, guidance=None, seed=None, scheduler=None,
             width=None, height=None, batch=1, attention=None, init_image=None, strength=0.8, mask=None,
-            outpaint=None, progress=None, session=None):
-        """Generate and save; returns [(path, caption)]. AppError for bad input, Cancelled when stopped."""
+            outpaint=None, clip_skip=None, loras=(), lora_scale=1.0, progress=None, session=None):
+        """Generate and save; returns [(path, caption)]. AppError for bad input, Cancelled when stopped.
+
+        `clip_skip`: diffusers' (1 = A1111's Clip skip 2). `loras`: names of the LoRA folder's files,
+        each merged at `lora_scale` as a `<lora:NAME:SCALE>` tag added to the prompt (a name the prompt
+        already tags keeps the prompt's scale); the PNG records that prompt and the LoRAs' hashes."""
+        import math
+
+        from diffusion_tf import a1111
         from diffusion_tf.pipeline.request import MAX_SEED, GenerationRequest, png_parameters
         from diffusion_tf.png_info import save_png
+        from diffusion_tf.prompts.syntax import extract_networks
 
         if not isinstance(prompt, str) or not prompt.strip():
             raise AppError("Write a prompt first.")
+        loras = list(loras or [])
+        if loras:
+            try:
+                scale = float(lora_scale)
+            except (TypeError, ValueError):
+                scale = math.nan
+            if not math.isfinite(scale):
+                raise AppError(f"LoRA scale {lora_scale!r}: must be a finite number.")
+            available = self.lora_names()
+            missing = [n for n in loras if n not in available]
+            if missing:
+                raise AppError(f"LoRA {', '.join(missing)}: no such file in {self.lora_folder()} "
+                               f"(it holds {', '.join(available) or 'none'}).")
+            try:
+                tags = extract_networks(prompt)[1] + extract_networks(negative_prompt or "")[1]
+            except ValueError as e:
+                raise AppError(str(e)) from None
+            tagged = {n.lower() for n, _ in tags}
+            added = [a1111.lora_tag(n, scale) for n in loras if n.lower() not in tagged]
+            if added:
+                prompt = " ".join([prompt.rstrip()] + added)
         batch = int(batch)
         if not 1 <= batch <= MAX_BATCH:
             raise AppError(f"batch={batch}; allowed: 1 to {MAX_BATCH}.")
@@ -150,6 +201,7 @@ class Generator:
             seed=int(seed), batch_size=batch, height=None if editing or height is None else int(height),
             width=None if editing or width is None else int(width), scheduler=scheduler, init_image=init_image,
             strength=strength, mask=mask, outpaint=outpaint, model=self.model, attention=attention,
+            clip_skip=None if clip_skip is None else int(clip_skip),
         )
         try:
             request.validate()
@@ -179,9 +231,14 @@ class Generator:
                     raise AppError(str(e)) from None
                 os.makedirs(self.output_dir, exist_ok=True)
                 sampler = scheduler or pipe.scheduler.name
+                texts = [request.prompt, request.negative_prompt or ""]
+                names = list(dict.fromkeys(n for t in texts for n, _ in extract_networks(t)[1]))
+                lora_hashes = a1111.lora_hashes(pipe.loras, names)
+                ti_hashes = a1111.embedding_hashes(pipe.conditioning.embeddings, texts)
                 out = []
                 for image, image_seed in zip(images, pipe.last_seeds):
-                    params = png_parameters(request, image_seed, image, sampler, pipe.attention, self.model_name)
+                    params = png_parameters(request, image_seed, image, sampler, pipe.attention, self.model_name,
+                                            loras=lora_hashes, embeddings=ti_hashes)
                     path = self._unique_path(int(image_seed))
                     save_png(path, np.asarray(image), params)
                     out.append((path, f"seed {int(image_seed)}"))
@@ -246,6 +303,7 @@ def build_demo(generator, max_upload_mb=DEFAULT_MAX_UPLOAD_MB):
 
     d = generator.defaults()
     schedulers = list(NAMES)
+    lora_names = generator.lora_names()
 
     def page_error(e):
         return gr.Error(str(e), print_exception=False)
@@ -268,29 +326,41 @@ def build_demo(generator, max_upload_mb=DEFAULT_MAX_UPLOAD_MB):
             with gr.Row():
                 width = gr.Dropdown(SIZES, value=d["width"], label="Width", elem_id=f"{tab}-width")
                 height = gr.Dropdown(SIZES, value=d["height"], label="Height", elem_id=f"{tab}-height")
+        with gr.Row():
+            clip_skip = gr.Slider(1, max(d["text_layers"], 1), value=1, step=1, elem_id=f"{tab}-clip-skip",
+                                  label="Clip skip (A1111's numbering: 1 = none, 2 = the penultimate layer)")
+            loras = gr.Dropdown(lora_names, value=[], multiselect=True, elem_id=f"{tab}-loras",
+                                label=f"LoRAs (from {generator.lora_folder()}; or <lora:NAME:SCALE> in the prompt)")
+            lora_scale = gr.Slider(-2, 2, value=1.0, step=0.05, label="LoRA scale", elem_id=f"{tab}-lora-scale")
         return dict(prompt=prompt, negative=negative, steps=steps, guidance=guidance, scheduler=scheduler,
-                    seed=seed, random_seed=random_seed, batch=batch, attention=attention, width=width, height=height)
+                    seed=seed, random_seed=random_seed, batch=batch, attention=attention, width=width, height=height,
+                    clip_skip=clip_skip, loras=loras, lora_scale=lora_scale)
 
-    def common(c, values):
-        keys = [k for k in ("prompt", "negative", "steps", "guidance", "scheduler", "seed", "random_seed",
-                            "batch", "attention", "width", "height") if c[k] is not None]
+    base_keys = ("prompt", "negative", "steps", "guidance", "scheduler", "seed", "random_seed", "batch", "attention",
+                 "width", "height")
+    network_keys = ("clip_skip", "loras", "lora_scale")  # the last inputs of every tab, after the tab's own
+
+    def common(c, values, network):
+        keys = [k for k in base_keys if c[k] is not None]
         v = dict(zip(keys, values))
+        n = dict(zip(network_keys, network))
         return dict(
             prompt=v["prompt"], negative_prompt=v["negative"], steps=int(v["steps"]), guidance=float(v["guidance"]),
             scheduler=v["scheduler"], seed=None if v["random_seed"] else int(v["seed"] or 0), batch=int(v["batch"]),
             attention=None if v["attention"] == "model default" else v["attention"],
             width=v.get("width"), height=v.get("height"),
+            clip_skip=max(int(n.get("clip_skip") or 1) - 1, 0),  # A1111's number on the page
+            loras=list(n.get("loras") or []), lora_scale=n.get("lora_scale", 1.0),
         )
 
-    def inputs_of(c):
-        return [c[k] for k in ("prompt", "negative", "steps", "guidance", "scheduler", "seed", "random_seed",
-                               "batch", "attention", "width", "height") if c[k] is not None]
+    def inputs_of(c, extra_inputs=()):
+        return [c[k] for k in base_keys if c[k] is not None] + list(extra_inputs) + [c[k] for k in network_keys]
 
     def runner(mode, c, n_extra=0):
         def run(*values, progress=gr.Progress(), request: gr.Request = None):
-            split = len(values) - n_extra
-            control_values, extra = values[:split], values[split:]
-            kwargs = common(c, control_values)
+            split = len(values) - n_extra - len(network_keys)
+            control_values, extra = values[:split], values[split:split + n_extra]
+            kwargs = common(c, control_values, values[split + n_extra:])
             session = getattr(request, "session_hash", None)
             try:
                 if mode == "img2img":
@@ -320,16 +390,32 @@ def build_demo(generator, max_upload_mb=DEFAULT_MAX_UPLOAD_MB):
         generator.cancel(getattr(request, "session_hash", None))
 
     def reuse(path):
+        """The controls from a PNG's parameters (ours or A1111's), read by the request's own
+        `fields_from_png`; a sampler we lack keeps the page's with a warning."""
+        from diffusion_tf.pipeline.request import fields_from_png
+
         try:
             p = parameters_from_png(path)
+            f = fields_from_png(p, ignore=("scheduler",))
         except AppError as e:
             raise page_error(e) from None
+        except ValueError as e:
+            raise page_error(AppError(f"{os.path.basename(str(path))}: {e}")) from None
+        scheduler = d["scheduler"]
+        if p.get("sampler") is not None:
+            try:
+                only = {"sampler": p["sampler"], "schedule_type": p.get("schedule_type")}
+                scheduler = fields_from_png(only)["scheduler"]
+            except ValueError as e:
+                gr.Warning(f"{e} The scheduler is left as it was.")
+        clip = (f.get("clip_skip") or 0) + 1
         return (
-            p.get("prompt", ""), p.get("negative_prompt", ""), p.get("steps", d["steps"]),
-            p.get("guidance", d["guidance"]), p.get("sampler", d["scheduler"]) if p.get("sampler") in schedulers
-            else d["scheduler"], p.get("seed", 0), False,
-            p.get("width", d["width"]) if p.get("width") in SIZES else d["width"],
-            p.get("height", d["height"]) if p.get("height") in SIZES else d["height"],
+            f.get("prompt", ""), f.get("negative_prompt", ""), f.get("num_steps", d["steps"]),
+            f.get("guidance_scale", d["guidance"]), scheduler if scheduler in schedulers else d["scheduler"],
+            f.get("seed", 0), False,
+            f.get("width", d["width"]) if f.get("width") in SIZES else d["width"],
+            f.get("height", d["height"]) if f.get("height") in SIZES else d["height"],
+            min(clip, max(d["text_layers"], 1)), [],  # the LoRAs are the prompt's <lora:...> tags
         )
 
     def generate_section(tab, c, extra_inputs=()):
@@ -341,7 +427,7 @@ def build_demo(generator, max_upload_mb=DEFAULT_MAX_UPLOAD_MB):
         gallery = gr.Gallery(label="Results", columns=4, elem_id=f"{tab}-gallery", format="png")
         status = gr.Textbox(label="Status", interactive=False, elem_id=f"{tab}-status")
         extra_inputs = list(extra_inputs)
-        event = go.click(runner(tab, c, len(extra_inputs)), inputs_of(c) + extra_inputs, [gallery, status],
+        event = go.click(runner(tab, c, len(extra_inputs)), inputs_of(c, extra_inputs), [gallery, status],
                          api_name=tab, concurrency_id="gpu", concurrency_limit=1)
         stop.click(cancel, None, None, cancels=[event], queue=False)
         return event
@@ -361,7 +447,7 @@ def build_demo(generator, max_upload_mb=DEFAULT_MAX_UPLOAD_MB):
                     reuse_button = gr.Button("Reuse parameters", elem_id="reuse")
                     reuse_button.click(reuse, [png], [c["prompt"], c["negative"], c["steps"], c["guidance"],
                                                       c["scheduler"], c["seed"], c["random_seed"], c["width"],
-                                                      c["height"]], api_name="reuse")
+                                                      c["height"], c["clip_skip"], c["loras"]], api_name="reuse")
 
             with gr.Tab("Image to image", id="img2img"):
                 c2 = controls("img2img", sizes=False)
@@ -429,6 +515,10 @@ def build_parser():
     p.add_argument("--output-dir", default="outputs", help="where images are written and served from (default ./outputs)")
     p.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, help="largest upload accepted (default 10)")
     p.add_argument("--jit-compile", action="store_true", help="compile generation with XLA")
+    p.add_argument("--lora-dir", default=None,
+                   help="the LoRA files the page offers and <lora:NAME:SCALE> finds (default $DIFFUSION_TF_HOME/loras)")
+    p.add_argument("--embedding-dir", default=None,
+                   help="embeddings usable as words in prompts (default $DIFFUSION_TF_HOME/embeddings)")
     return p
 
 
@@ -437,6 +527,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         parser.exit(EXIT_USAGE, f"{parser.prog}: error: --port {args.port}: must be 1 to 65535.\n")
+    for option, folder in (("--lora-dir", args.lora_dir), ("--embedding-dir", args.embedding_dir)):
+        if folder is not None and not os.path.isdir(folder):
+            parser.exit(EXIT_USAGE, f"{parser.prog}: error: {option} {folder}: no such folder.\n")
     if args.max_upload_mb <= 0:
         parser.exit(EXIT_USAGE, f"{parser.prog}: error: --max-upload-mb {args.max_upload_mb}: must be positive.\n")
     busy = free_port(args.host, args.port)
@@ -451,7 +544,8 @@ def main(argv=None):
         import gradio  # noqa: F401
     except ImportError:
         parser.exit(EXIT_USAGE, f"{parser.prog}: error: the web UI needs Gradio: pip install \"diffusion_tf[app]\"\n")
-    generator = Generator(args.model, output_dir, jit_compile=args.jit_compile)
+    generator = Generator(args.model, output_dir, jit_compile=args.jit_compile, lora_dir=args.lora_dir,
+                          embedding_dir=args.embedding_dir)
     try:
         generator.pipeline()
     except ValueError as e:

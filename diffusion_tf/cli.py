@@ -10,9 +10,11 @@ argument errors are instant.
 import argparse
 import math
 import os
+import re
 import sys
 import time
 
+from diffusion_tf import a1111
 from diffusion_tf.pipeline import request as rules
 from diffusion_tf.pipeline.request import MAX_SEED, MAX_STEPS, GenerationRequest, RequestError
 
@@ -36,9 +38,15 @@ examples:
   python text2image.py --model sd15 --prompt "a watercolor fox" \\
       --negative-prompt "blurry, low quality" --height 512 --width 768
 
+  # LoRAs: a file at scale 0.7, and one of the --lora-dir folder named in the prompt:
+  python text2image.py --prompt "a castle <lora:watercolor:0.8>" --lora ~/loras/ink.safetensors:0.7
+
+  # again, from an image this program or AUTOMATIC1111's web UI wrote:
+  python text2image.py --from-png castle.png --output again.png
+
 Every PNG carries its generation parameters (prompt, negative prompt, steps,
-sampler, CFG scale, seed, size, model) in a text chunk named "parameters", in
-the format of the popular web UIs.
+sampler, CFG scale, seed, size, model, clip skip, LoRA hashes) in a text chunk
+named "parameters", in the format of AUTOMATIC1111's web UI.
 """
 
 
@@ -156,9 +164,10 @@ def build_parser():
     )
     p.add_argument(
         "--from-png", metavar="IMAGE.png", default=None,
-        help="regenerate from the parameters stored in a PNG written by this program (prompt, negative "
-        "prompt, seed, steps, guidance, scheduler, size, model, attention); options given on the command "
-        "line override them. What is used is printed.",
+        help="regenerate from the parameters stored in a PNG written by this program, its web UI or "
+        "AUTOMATIC1111's (prompt with its <lora:...> tags, negative prompt, seed, steps, guidance, sampler, "
+        "size, model, attention, clip skip); options given on the command line override them. What is "
+        "used is printed; a LoRA whose file's hash differs from the recorded one is a warning.",
     )
     p.add_argument(
         "--grid", action="store_true",
@@ -168,6 +177,48 @@ def build_parser():
         "--temperature", metavar="T", default="1.0",
         help="scale of the fresh noise of stochastic samplers (ddpm, euler_a), >= 0; "
         "deterministic ones ignore it. Default: 1.0.",
+    )
+    text = p.add_argument_group(
+        "prompts, LoRA and embeddings",
+        "prompts use AUTOMATIC1111's syntax: (word:1.2) emphasis, BREAK, any length, <lora:NAME:SCALE> "
+        "(NAME.safetensors of --lora-dir) and the embeddings of --embedding-dir as words.",
+    )
+    text.add_argument(
+        "--lora", metavar="PATH[:SCALE]", action="append", default=[],
+        help="merge a LoRA file (kohya/A1111 or diffusers .safetensors; .pt/.ckpt/.bin) at SCALE (a finite "
+        "number, default 1); repeat for several. Only a trailing :number is a scale, so C:\\x.safetensors "
+        "is a path. Recorded in the PNG as <lora:STEM:SCALE> at the end of the prompt; a <lora:STEM:S> tag "
+        "in the prompt uses this file at scale S.",
+    )
+    text.add_argument(
+        "--lora-dir", metavar="FOLDER", default=None,
+        help="where <lora:NAME:SCALE> in a prompt finds NAME (.safetensors, .pt, .ckpt, .bin). Default: "
+        "$DIFFUSION_TF_HOME/loras (~/.cache/diffusion_tf/loras).",
+    )
+    text.add_argument(
+        "--embedding", metavar="PATH[:TOKEN]", action="append", default=[],
+        help="add a textual-inversion embedding (A1111 .pt/.safetensors, diffusers learned_embeds) as the "
+        "word TOKEN (default: the file's own name, else its stem); repeat for several.",
+    )
+    text.add_argument(
+        "--embedding-dir", metavar="FOLDER", default=None,
+        help="a folder of embeddings whose file names work as words in prompts (loaded when a prompt uses "
+        "them). Default: $DIFFUSION_TF_HOME/embeddings.",
+    )
+    text.add_argument(
+        "--clip-skip", metavar="N", default=None,
+        help="leave out the text encoder's last N layers, as diffusers' clip_skip: 1 = the penultimate "
+        "layer = AUTOMATIC1111's \"Clip skip: 2\" (the PNG records A1111's number). Default: 0 (none).",
+    )
+    text.add_argument(
+        "--prompt-syntax", choices=("a1111", "plain"), default="a1111",
+        help="a1111: (word:1.2), [word], BREAK are syntax; plain: brackets are text, as diffusers "
+        "(<lora:...> tags are read in both). Default: a1111.",
+    )
+    text.add_argument(
+        "--long-prompts", choices=("chunks", "truncate"), default="chunks",
+        help="chunks: a prompt over 75 tokens is encoded in 77-token chunks (as A1111); truncate: cut at 77 "
+        "tokens with a warning (as diffusers). Default: chunks.",
     )
     edit = p.add_argument_group(
         "editing", "image-to-image (--init-image), inpainting (+ --mask) and outpainting (+ --outpaint); "
@@ -201,7 +252,7 @@ def build_parser():
 FLAGS = {
     "num_steps": "--steps", "batch_size": "--batch-size", "guidance_scale": "--guidance",
     "temperature": "--temperature", "height": "--height", "width": "--width", "seed": "--seed",
-    "strength": "--strength",
+    "strength": "--strength", "clip_skip": "--clip-skip",
 }
 EDIT_OPTIONS = {"init_image": "--init-image", "mask": "--mask", "outpaint": "--outpaint"}
 DESTS = {"num_steps": "steps", "guidance_scale": "guidance", "batch_size": "batch_size", "scheduler": "scheduler",
@@ -228,7 +279,8 @@ def _parse(parser, field, text):
 
 def apply_png_parameters(parser, args, argv):
     """Fill the options not given on the command line from the PNG's parameters (exit 2 when
-    the file is unreadable or holds none); returns {option: value} of what was taken."""
+    the file is unreadable, holds none, or names a sampler we lack); returns {option: value} of
+    what was taken. The parsed parameters are kept in `args.png_params`."""
     from diffusion_tf.png_info import read_parameters
 
     path = args.from_png
@@ -240,23 +292,22 @@ def apply_png_parameters(parser, args, argv):
         parser.error(f"--from-png {path}: not a readable PNG ({_one_line(e)})")
     if not params:
         parser.error(f"--from-png {path}: the image holds no generation parameters (no 'parameters' text chunk)")
+    given = {a.split("=", 1)[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
+    overridden = [field for field in rules.PNG_FIELDS.values() if _option(field) in given]
     try:
-        fields = rules.fields_from_png(params)
+        fields = rules.fields_from_png(params, ignore=overridden)
     except ValueError as e:
         parser.error(f"--from-png {path}: {_one_line(e)}")
-    if "strength" in fields and args.init_image is None:
+    if params.get("denoising_strength") is not None and args.init_image is None:
         parser.error(f"--from-png {path}: the image was made from an input image (strength "
                      f"{params['denoising_strength']}); pass that image with --init-image")
     if params.get("mask") == "yes" and args.mask is None:
         parser.error(f"--from-png {path}: the image was inpainted; pass its mask with --mask")
-    given = {a.split("=", 1)[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
+    args.png_params = params
     used = {}
     for field, value in fields.items():
-        option = _option(field)
-        if option in given:
-            continue
         setattr(args, _dest(field), value)
-        used[option] = rules.format_outpaint(value) if field == "outpaint" else value
+        used[_option(field)] = rules.format_outpaint(value) if field == "outpaint" else value
     return used
 
 
@@ -271,9 +322,101 @@ def _outpaint(parser, text):
         parser.error(f"--outpaint {text}: {message[len(prefix):] if message.startswith(prefix) else message}")
 
 
+_LORA_TAG = re.compile(r"<lora:([^>:]+)(?::[^>]*)?>")
+
+
+def _strip_tags(text, names):
+    """`text` without its <lora:NAME...> tags whose NAME (case-insensitive) is in `names`."""
+    if not text:
+        return text
+    return _LORA_TAG.sub(lambda m: "" if m.group(1).strip().lower() in names else m.group(0), text)
+
+
+def _tags(parser, option, text):
+    """[(name, scale)] of the <lora:...> tags of a prompt (exit 2 on a bad tag)."""
+    from diffusion_tf.prompts.syntax import extract_networks
+
+    if not text:
+        return []
+    try:
+        return extract_networks(text)[1]
+    except ValueError as e:
+        parser.error(f"{option}: {_one_line(e)}")
+
+
+def plan_networks(parser, args):
+    """Check --lora/--embedding/--lora-dir/--embedding-dir and the prompts' <lora:...> tags (exit 2
+    naming the bad one), and set:
+      args.loras        [(path, scale)] merged by the CLI (a --lora file; a tag naming its stem sets
+                        its scale);
+      args.embeddings   [(path, token or None)];
+      args.prompt_text, args.negative_text: the prompts given to the pipeline (without the tags that
+                        the --lora files serve);
+      args.prompt       the prompt recorded in the PNG: as written, plus <lora:STEM:SCALE> for each
+                        --lora file no tag names.
+    Tags that no --lora file serves must name a file of the LoRA folder."""
+    for option, folder in (("--lora-dir", args.lora_dir), ("--embedding-dir", args.embedding_dir)):
+        if folder is not None and not os.path.isdir(folder):
+            parser.error(f"{option} {folder}: no such folder")
+    tags = _tags(parser, "--prompt", args.prompt) + _tags(parser, "--negative-prompt", args.negative_prompt)
+    tag_scales = {}
+    for name, scale in tags:
+        tag_scales.setdefault(name.lower(), scale)
+    loras, served, appended, stems = [], set(), [], {}
+    for spec in args.lora:
+        try:
+            path, scale = a1111.split_lora_spec(spec)
+        except ValueError as e:
+            parser.error(f"--lora {spec}: {e}; write PATH or PATH:SCALE, e.g. style.safetensors:0.7")
+        if not os.path.isfile(path):
+            parser.error(f"--lora {spec}: no such file" + (f" ({path})" if path != spec else ""))
+        stem, ext = os.path.splitext(os.path.basename(path))
+        if ext.lower() not in a1111.LORA_EXTENSIONS:
+            parser.error(f"--lora {spec}: not a LoRA file; allowed: {', '.join(a1111.LORA_EXTENSIONS)}")
+        if stem.lower() in stems:
+            parser.error(f"--lora {spec}: the LoRA {stem!r} is already given ({stems[stem.lower()]})")
+        stems[stem.lower()] = spec
+        if stem.lower() in tag_scales:  # <lora:STEM:S> in the prompt: this file, at the tag's scale
+            served.add(stem.lower())
+            loras.append((path, tag_scales[stem.lower()]))
+        else:
+            scale = 1.0 if scale is None else scale
+            loras.append((path, scale))
+            appended.append(a1111.lora_tag(stem, scale))
+    folder = args.lora_dir if args.lora_dir is not None else _default_folder("loras")
+    for name, _ in tags:
+        if name.lower() not in served and a1111.find_lora(folder, name) is None:
+            there = list(a1111.lora_files(folder))
+            parser.error(
+                f"<lora:{name}> in the prompt: no LoRA file named {name!r} (.safetensors, .pt, .ckpt or .bin) in "
+                f"{folder} (--lora-dir)" + (f"; it holds {', '.join(there[:20])}" if there else "; it holds none")
+                + "; or give the file with --lora PATH")
+    embeddings = []
+    for spec in args.embedding:
+        path, token = a1111.split_embedding_spec(spec)
+        if not os.path.isfile(path):
+            parser.error(f"--embedding {spec}: no such file" + (f" ({path})" if path != spec else ""))
+        if token is not None and not token.strip():
+            parser.error(f"--embedding {spec}: the token after ':' is empty")
+        embeddings.append((path, token))
+    args.loras, args.embeddings = loras, embeddings
+    args.prompt_text = _strip_tags(args.prompt, served)
+    args.negative_text = _strip_tags(args.negative_prompt, served)
+    if appended:
+        args.prompt = " ".join([args.prompt] + appended) if args.prompt else " ".join(appended)
+    return args
+
+
+def _default_folder(name):
+    from diffusion_tf.presets.cache import cache_dir
+
+    return os.path.join(cache_dir(), name)
+
+
 def validate(parser, args, argv=None):
     """Check the arguments (exit 2 on the first bad one) and set `args.request`, the
     `GenerationRequest` they describe."""
+    args.png_params = None
     args.from_png_used = apply_png_parameters(parser, args, argv) if args.from_png else None
     if args.prompt is None:
         parser.error("--prompt is required (or --from-png IMAGE.png)")
@@ -290,6 +433,7 @@ def validate(parser, args, argv=None):
         if path is not None and not os.path.isfile(path):
             parser.error(f"{option} {path}: no such file")
     outpaint = _outpaint(parser, args.outpaint)
+    plan_networks(parser, args)
     request = GenerationRequest(
         args.prompt, negative_prompt=args.negative_prompt, scheduler=args.scheduler, init_image=args.init_image,
         mask=args.mask, outpaint=outpaint, model=args.model, attention=args.attention, **values,
@@ -375,6 +519,69 @@ def _one_line(message):
     return " ".join(str(message).split())
 
 
+# ---------------------------------------------------------------- LoRA, embeddings, clip skip
+def load_networks(t2i, args, request):
+    """Merge the --lora files, add the --embedding tokens and check --clip-skip against the
+    model; None, or the message (naming the option) of the first that fails."""
+    if request.clip_skip:
+        layers = t2i.text_encoder.num_hidden_layers
+        if request.clip_skip >= layers:
+            return (f"--clip-skip {request.clip_skip}: must be 0 to {layers - 1} for this model's {layers}-layer "
+                    f"text encoder (diffusers' numbering: 1 = A1111's Clip skip 2)")
+    for spec, (path, scale) in zip(args.lora, args.loras):
+        try:
+            lora = t2i.load_lora(path, scale)
+        except ValueError as e:
+            return f"--lora {spec}: {_one_line(e)}"
+        sys.stderr.write(f"LoRA {lora} at scale {scale:g} ({path})\n")
+    for spec, (path, token) in zip(args.embedding, args.embeddings):
+        try:
+            tokens = t2i.load_textual_inversion(path, token)
+        except ValueError as e:
+            return f"--embedding {spec}: {_one_line(e)}"
+        sys.stderr.write(f"embedding {tokens[0]} ({len(tokens)} vector{'s' if len(tokens) > 1 else ''}, {path})\n")
+    return None
+
+
+def _tag_names(*texts):
+    from diffusion_tf.prompts.syntax import extract_networks
+
+    names = []
+    for text in texts:
+        for name, _ in extract_networks(text or "")[1]:
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def network_hashes(t2i, request, args):
+    """([(name, hash)] of the LoRAs the recorded prompts name, [(token, hash)] of the embeddings
+    the prompts use): the PNG's `Lora hashes` and `TI hashes`."""
+    names = _tag_names(request.prompt, request.negative_prompt)
+    loras = a1111.lora_hashes(list(getattr(t2i, "loras", [])), names)
+    conditioning = getattr(t2i, "conditioning", None)
+    embeddings = getattr(conditioning, "embeddings", None) or {}
+    used = a1111.embedding_hashes(embeddings, [args.prompt_text, args.negative_text]) if embeddings else []
+    return loras, used
+
+
+def hash_warnings(args, loras, embeddings, t2i):
+    """With --from-png: one line for each LoRA or embedding whose hash differs from the PNG's."""
+    params = args.png_params or {}
+    files = {e.name.lower(): e.path for e in getattr(t2i, "loras", [])}  # a LoRA's name -> its file
+    lines = []
+    for label, key, used, what in (("Lora hashes", "lora_hashes", loras, "LoRA"),
+                                   ("TI hashes", "ti_hashes", embeddings, "embedding")):
+        recorded = {k.lower(): v for k, v in a1111.parse_hashes(params.get(key)).items()}
+        for name, value in used:
+            old = recorded.get(name.lower())
+            if old is not None and old.lower() != value.lower():
+                where = files.get(name.lower()) if what == "LoRA" else None
+                lines.append(f"{what} {name}: the file{f' {where}' if where else ''} has hash {value}, "
+                             f"{args.from_png} records {old} ({label}); the image may differ")
+    return lines
+
+
 # ---------------------------------------------------------------- main
 def main(argv=None):
     """Run the command line; returns the exit code (0 ok, 1 write error, 2 bad input, 130 interrupted)."""
@@ -416,9 +623,17 @@ def main(argv=None):
                 jit_compile=args.jit_compile,
                 attention=request.attention,
                 scheduler=request.scheduler,
+                lora_dir=args.lora_dir,
+                embedding_dir=args.embedding_dir,
+                prompt_syntax=args.prompt_syntax,
+                long_prompts=args.long_prompts,
             )
         except OSError as e:  # an unreadable file of the model folder (ValueErrors: below)
             err.write(f"{prog}: error: cannot load model {args.model}: {_one_line(e)}\n")
+            return EXIT_USAGE
+        problem = load_networks(t2i, args, request)
+        if problem:
+            err.write(f"{prog}: error: {problem}\n")
             return EXIT_USAGE
         name = presets.model_label(request.model, t2i.model_path)
         request = request.replace(
@@ -433,6 +648,7 @@ def main(argv=None):
             + f", {request.num_steps} steps, {t2i.scheduler.name}, "
             f"CFG {request.guidance_scale:g}, seed {request.seed}"
             + (f"..{(request.seed + request.batch_size - 1) % (MAX_SEED + 1)}" if request.batch_size > 1 else "")
+            + (f", clip skip {request.clip_skip}" if request.clip_skip else "")
             + (", XLA" if args.jit_compile else "")
             + "\n"
         )
@@ -440,8 +656,8 @@ def main(argv=None):
 
         bar = ProgressBar(err)
         images = t2i.generate(
-            request.prompt,
-            negative_prompt=request.negative_prompt,
+            args.prompt_text,
+            negative_prompt=args.negative_text,
             num_steps=request.num_steps,
             unconditional_guidance_scale=request.guidance_scale,
             temperature=request.temperature,
@@ -452,10 +668,15 @@ def main(argv=None):
             strength=request.strength,
             mask=request.mask,
             outpaint=request.outpaint,
+            clip_skip=request.clip_skip,
         )
         bar.close()
+        loras, embeddings = network_hashes(t2i, request, args)
+        for line in hash_warnings(args, loras, embeddings, t2i):
+            err.write(f"{prog}: warning: {line}\n")
         for path, image, seed in zip(paths, images, list(t2i.last_seeds)):
-            params = rules.png_parameters(request, seed, image, t2i.scheduler.name, t2i.attention, name)
+            params = rules.png_parameters(request, seed, image, t2i.scheduler.name, t2i.attention, name,
+                                          loras=loras, embeddings=embeddings)
             try:
                 save_png(path, image, params)
                 written.append(path)

@@ -4,7 +4,7 @@ The parameters are one PNG text chunk named `parameters`:
 
     a photo of an astronaut riding a horse
     Negative prompt: blurry, low quality
-    Steps: 20, Sampler: ddim, CFG scale: 7.5, Seed: 1234, Size: 512x512, Model: sd-v1-5, Attention: standard
+    Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 1234, Size: 512x512, Model: sd-v1-5, Attention: standard
 
 The prompt takes every line up to the `Negative prompt:` line (or up to the last
 line when there is none), the negative prompt every line from there to the last
@@ -15,9 +15,11 @@ round trip. `Size` is width x height.
 
 `format_parameters(dict) -> str` and `parse_parameters(str) -> dict` are each
 other's inverse; the dict keys are `prompt`, `negative_prompt` (only when there
-is one), `steps`, `sampler`, `guidance`, `seed`, `width`, `height`, `model`,
-`attention`, `temperature`, `denoising_strength` (editing), and any other label as lower_snake_case (kept as a
-string). Known limitation (shared with the web UI): a prompt with a line of its
+is one), `steps`, `sampler`, `schedule_type`, `guidance`, `seed`, `width`, `height`, `model`,
+`attention`, `temperature`, `denoising_strength` (editing), `clip_skip`, `lora_hashes`,
+`ti_hashes`, and any other label as lower_snake_case (kept as a string). The values are kept as
+written (A1111's sampler names, its Clip skip numbering): `diffusion_tf.pipeline.request.fields_from_png`
+turns them into a request's fields (`diffusion_tf.a1111`). Known limitation (shared with the web UI): a prompt with a line of its
 own starting with "Negative prompt:" is read back as a negative prompt.
 
 This module imports neither TensorFlow nor Keras.
@@ -39,6 +41,7 @@ NEGATIVE_PREFIX = "Negative prompt: "
 LABELS = {
     "steps": "Steps",
     "sampler": "Sampler",
+    "schedule_type": "Schedule type",
     "guidance": "CFG scale",
     "seed": "Seed",
     "size": "Size",
@@ -46,9 +49,12 @@ LABELS = {
     "attention": "Attention",
     "temperature": "Temperature",
     "denoising_strength": "Denoising strength",
+    "clip_skip": "Clip skip",
+    "lora_hashes": "Lora hashes",
+    "ti_hashes": "TI hashes",
 }
 _KEYS = {label: key for key, label in LABELS.items()}
-_INTS = ("steps", "seed")
+_INTS = ("steps", "seed", "clip_skip")
 _FLOATS = ("guidance", "temperature", "denoising_strength")
 
 # `Label: value` where value is a JSON string or runs up to the next comma.

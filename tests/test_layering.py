@@ -10,7 +10,7 @@ LAYERS = [
     ["diffusion_tf.runtime", "diffusion_tf.compiler_memory", "diffusion_tf.startup_log",
      "diffusion_tf.image_io", "diffusion_tf.png_info", "diffusion_tf.clip_tokenizer", "diffusion_tf.schedulers",
      "diffusion_tf.shapes.dataset", "diffusion_tf.shapes.judge", "diffusion_tf.pipeline.request",
-     "diffusion_tf.prompts.syntax", "diffusion_tf.prompts.chunks"],
+     "diffusion_tf.prompts.syntax", "diffusion_tf.prompts.chunks", "diffusion_tf.a1111"],
     # 1: the networks and their weights
     ["diffusion_tf.layers", "diffusion_tf.models", "diffusion_tf.state_dict", "diffusion_tf.model_folder"],
     ["diffusion_tf.components"],  # a model folder's networks

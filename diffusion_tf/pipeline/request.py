@@ -19,6 +19,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from diffusion_tf import a1111
+
 MAX_SEED = 2**32 - 1
 MAX_STEPS = 1000
 MAX_PIXELS = 2048 * 2048
@@ -247,12 +249,13 @@ class GenerationRequest:
 
 
 # ---------------------------------------------------------------- PNG parameters
-# The PNG parameters' keys (diffusion_tf.png_info) that hold request fields.
+# The PNG parameters' keys (diffusion_tf.png_info) that hold request fields. `sampler` (with
+# `schedule_type`) and `clip_skip` are written in A1111's terms (diffusion_tf.a1111).
 PNG_FIELDS = {
     "prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "num_steps", "guidance": "guidance_scale",
     "seed": "seed", "width": "width", "height": "height", "sampler": "scheduler", "model": "model",
     "attention": "attention", "temperature": "temperature", "denoising_strength": "strength",
-    "outpaint": "outpaint",
+    "outpaint": "outpaint", "clip_skip": "clip_skip",
 }
 
 
@@ -281,15 +284,21 @@ def parse_outpaint(text):
     return check_outpaint(out)
 
 
-def png_parameters(request, seed, image, scheduler, attention, model):
+def png_parameters(request, seed, image, scheduler, attention, model, loras=(), embeddings=()):
     """The PNG parameters (a dict for `png_info.save_png`) of one image of a request:
-    `seed` its own seed, `scheduler`/`attention`/`model` the names actually used."""
+    `seed` its own seed, `scheduler`/`attention`/`model` the names actually used. The prompt is
+    recorded as the request holds it (`<lora:NAME:SCALE>` tags included); `loras` and `embeddings`:
+    [(name, short hash)] of the LoRAs and textual-inversion tokens used (`Lora hashes`, `TI hashes`).
+    The sampler and clip skip are written with A1111's names (`Sampler: DPM++ 2M, Schedule type:
+    Karras`, `Clip skip: 2` for clip_skip=1)."""
     edited = request.init_image is not None
+    sampler, schedule = a1111.sampler_to_a1111(scheduler) if scheduler is not None else (None, None)
     return {
         "prompt": request.prompt,
         "negative_prompt": request.negative_prompt or None,
         "steps": request.num_steps,
-        "sampler": scheduler,
+        "sampler": sampler,
+        "schedule_type": schedule,
         "guidance": request.guidance_scale,
         "seed": int(seed),
         "width": int(image.shape[1]),
@@ -298,22 +307,35 @@ def png_parameters(request, seed, image, scheduler, attention, model):
         "attention": attention,
         "temperature": request.temperature if request.temperature != 1.0 else None,
         "denoising_strength": (1.0 if request.outpaint else request.strength) if edited else None,
+        "clip_skip": a1111.clip_skip_to_a1111(request.clip_skip),
+        "lora_hashes": a1111.format_hashes(loras),
+        "ti_hashes": a1111.format_hashes(embeddings),
         "mask": "yes" if request.mask is not None else None,
         "outpaint": format_outpaint(request.outpaint),
     }
 
 
-def fields_from_png(params):
+def fields_from_png(params, ignore=()):
     """{request field: value} of parsed PNG parameters (`png_info.read_parameters`), each
-    checked by its rule (a bad value is a ValueError naming the PNG label); unknown keys are
-    left out. `mask: yes` and `denoising_strength` say the image was an edit: the caller must
-    give the input image (and mask)."""
+    checked by its rule (a bad value is a ValueError naming the PNG label); unknown keys (`Model
+    hash`, `Version`, ...) are left out, and so are the fields in `ignore` (those the caller sets
+    itself: their PNG values are not even checked). The sampler may be A1111's (`DPM++ 2M` with
+    `Schedule type: Karras`, or `DPM++ 2M Karras`) or ours (`dpm++2m-karras`); a sampler we lack
+    is a ValueError naming it. `Clip skip` is A1111's (2 -> clip_skip=1; 1 -> none, left out).
+    `mask: yes` and `denoising_strength` say the image was an edit: the caller must give the
+    input image (and mask)."""
     out = {}
     for key, field in PNG_FIELDS.items():
         value = params.get(key)
-        if value is None:
+        if value is None or field in ignore:
             continue
-        if field in RULES:
+        if field == "scheduler":
+            value = a1111.sampler_from_a1111(value, params.get("schedule_type"))
+        elif field == "clip_skip":
+            value = a1111.clip_skip_from_a1111(value)
+            if value is None:
+                continue
+        elif field in RULES:
             value = parse(field, str(value)) if isinstance(value, str) else check(field, value, key)
         elif field == "outpaint":
             value = parse_outpaint(value)
@@ -321,4 +343,3 @@ def fields_from_png(params):
             check_attention(value)
         out[field] = value
     return out
-

@@ -181,3 +181,15 @@ def test_import_does_not_import_tensorflow():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(png_info.__file__)))
     assert out.stdout.strip() == "False"
+
+
+def test_a1111_labels_and_their_order():
+    params = {"prompt": "p <lora:s:0.5>", "steps": 20, "sampler": "DPM++ 2M", "schedule_type": "Karras",
+              "guidance": 7.0, "seed": 1, "width": 64, "height": 64, "model": "m", "clip_skip": 2,
+              "lora_hashes": "s: 0123456789ab", "ti_hashes": "tok: ba9876543210", "version": "v1"}
+    text = format_parameters(params)
+    assert text == ('p <lora:s:0.5>\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.0, Seed: 1, '
+                    'Size: 64x64, Model: m, Clip skip: 2, Lora hashes: "s: 0123456789ab", '
+                    'TI hashes: "tok: ba9876543210", Version: v1')
+    parsed = parse_parameters(text)
+    assert parsed == params and isinstance(parsed["clip_skip"], int)

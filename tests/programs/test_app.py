@@ -50,10 +50,14 @@ def _start(port, out, model, extra=()):
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    """(base URL, output folder, model, process) of a running app."""
-    out = tmp_path_factory.mktemp("app") / "outputs"
+    """(base URL, output folder, model, process) of a running app; its LoRA folder holds style.safetensors."""
+    from support import shapes_lora
+
+    root = tmp_path_factory.mktemp("app")
+    out = root / "outputs"
     port, model = _free_port(), _model()
-    proc = _start(port, out, model)
+    shapes_lora.write_lora(str(root / "loras" / "style.safetensors"), "shapes" if model == "shapes" else model)
+    proc = _start(port, out, model, ["--lora-dir", str(root / "loras")])
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -84,8 +88,12 @@ def _size(app):
     return 64
 
 
-def txt2img(client, prompt="a red circle on a blue background", seed=5, steps=3, batch=1, size=64, random=False):
-    return client.predict(prompt, "", steps, 4.0, "ddim", seed, random, batch, "model default", size, size,
+def txt2img(client, prompt="a red circle on a blue background", seed=5, steps=3, batch=1, size=64, random=False,
+            clip_skip=None, loras=None, lora_scale=None):
+    # The clip skip (A1111's numbering) and LoRA controls come last: left out, they keep the page's defaults.
+    extra = [v for v in (clip_skip, loras, lora_scale) if v is not None]
+    assert len(extra) in (0, 3)
+    return client.predict(prompt, "", steps, 4.0, "ddim", seed, random, batch, "model default", size, size, *extra,
                           api_name="/txt2img")
 
 
@@ -149,9 +157,65 @@ def test_a_png_written_by_the_app_regenerates_with_from_png(app, client, tmp_pat
 def test_reuse_parameters_from_a_png(client):
     gallery, _ = txt2img(client, seed=21)
     values = client.predict(gradio_client.handle_file(gallery[0]["image"]), api_name="/reuse")
-    prompt, negative, steps, guidance, scheduler, seed, random_seed, width, height = values
-    assert (prompt, steps, guidance, scheduler, seed, random_seed) == (
-        "a red circle on a blue background", 3, 4.0, "ddim", 21, False)
+    prompt, negative, steps, guidance, scheduler, seed, random_seed, width, height, clip_skip, loras = values
+    assert (prompt, steps, guidance, scheduler, seed, random_seed, clip_skip, loras) == (
+        "a red circle on a blue background", 3, 4.0, "ddim", 21, False, 1, [])
+
+
+def test_reuse_parameters_of_an_a1111_png(client, tmp_path):
+    """A1111's names (the older "DPM++ 2M Karras" form with its Schedule type, Clip skip) fill the
+    controls through the request's own reader; a sampler we lack keeps the page's."""
+    from diffusion_tf.png_info import save_png
+
+    path = tmp_path / "a1111.png"
+    save_png(str(path), np.zeros((64, 64, 3), np.uint8),
+             "a cat <lora:style:0.5>\nNegative prompt: blurry\nSteps: 20, Sampler: DPM++ 2M Karras, Schedule type: "
+             "Karras, CFG scale: 7, Seed: 1234, Size: 64x64, Model hash: abc, Model: x, Clip skip: 2, Version: v1")
+    values = client.predict(gradio_client.handle_file(str(path)), api_name="/reuse")
+    assert list(values) == ["a cat <lora:style:0.5>", "blurry", 20, 7.0, "dpm++2m-karras", 1234, False, 64, 64, 2, []]
+    save_png(str(path), np.zeros((64, 64, 3), np.uint8), "a dog\nSteps: 9, Sampler: UniPC, CFG scale: 3, Seed: 7")
+    values = client.predict(gradio_client.handle_file(str(path)), api_name="/reuse")
+    assert values[0] == "a dog" and values[2] == 9 and values[5] == 7 and values[4] in ("ddim", "pndm", "euler")
+
+
+def test_loras_and_clip_skip_are_applied_recorded_and_regenerate(app, client, tmp_path, monkeypatch):
+    """A LoRA chosen on the page changes the image; its PNG carries the <lora:NAME:SCALE> tag, the
+    Lora hashes and A1111's Clip skip, and --from-png with the same LoRA folder gives the same image."""
+    from PIL import Image
+
+    import text2image
+    from diffusion_tf.lora import file_hash
+    from diffusion_tf.png_info import read_parameters
+
+    _, out, model, _ = app
+    lora = out.parent / "loras" / "style.safetensors"
+    plain, _ = txt2img(client, seed=17, steps=2, clip_skip=2, loras=[], lora_scale=1.0)
+    styled, _ = txt2img(client, seed=17, steps=2, clip_skip=2, loras=["style"], lora_scale=0.75)
+    params = read_parameters(styled[0]["image"])
+    assert params["prompt"] == "a red circle on a blue background <lora:style:0.75>"
+    assert params["lora_hashes"] == f"style: {file_hash(lora)}" and params["clip_skip"] == 2
+    assert "lora_hashes" not in read_parameters(plain[0]["image"])
+    images = [np.asarray(Image.open(g[0]["image"])) for g in (plain, styled)]
+    assert not np.array_equal(*images)  # the LoRA is merged
+    again, _ = txt2img(client, seed=17, steps=2, clip_skip=2, loras=[], lora_scale=1.0)
+    np.testing.assert_array_equal(np.asarray(Image.open(again[0]["image"])), images[0])  # and taken out again
+    skipped_none, _ = txt2img(client, seed=17, steps=2, clip_skip=1, loras=[], lora_scale=1.0)
+    assert "clip_skip" not in read_parameters(skipped_none[0]["image"])
+    assert not np.array_equal(np.asarray(Image.open(skipped_none[0]["image"])), images[0])  # clip skip reaches it
+
+    monkeypatch.chdir(tmp_path)
+    assert text2image.main(["--from-png", styled[0]["image"], "--lora-dir", str(lora.parent),
+                            "--output", "again.png"]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "again.png")), images[1])
+    assert read_parameters(tmp_path / "again.png") == params
+
+
+def test_a_lora_that_is_not_in_the_folder_is_a_message(client):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="no LoRA file named 'nowhere'"):
+        txt2img(client, prompt="a red circle <lora:nowhere:1>")
+    assert len(txt2img(client, seed=3)[0]) == 1  # still serving, and the next request has no LoRA
 
 
 def test_bad_inputs_are_messages_and_the_app_keeps_serving(app, client, tmp_path):
