@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from diffusion_tf import compiler_memory, schedulers
+from diffusion_tf import a1111, compiler_memory, schedulers
 from diffusion_tf.components import load_folder
 from diffusion_tf.pipeline import editing, sampling
 from diffusion_tf.prompts import syntax, textual_inversion
@@ -654,21 +654,16 @@ class Text2Image:
         return {"extra": tf.tile(extra, [batch, 1, 1, 1])}
 
 
-LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt", ".bin")
-
-
 def _find_lora(folder, name):
-    """The file of `<lora:name>` in `folder` (its stem, case-sensitive first); ValueError naming
-    what is there otherwise."""
-    files = sorted(f for f in os.listdir(folder) if os.path.splitext(f)[1].lower() in LORA_EXTENSIONS) \
-        if os.path.isdir(folder) else []
-    for same in (lambda a, b: a == b, lambda a, b: a.lower() == b.lower()):
-        for f in files:
-            if same(os.path.splitext(f)[0], name):
-                return os.path.join(folder, f)
+    """The file of `<lora:name>` in `folder` (`a1111.find_lora`: its stem, case-sensitive first);
+    ValueError naming what is there otherwise."""
+    path = a1111.find_lora(folder, name)
+    if path is not None:
+        return path
+    stems = sorted(a1111.lora_files(folder))
     raise ValueError(
-        f"<lora:{name}>: no LoRA file named {name!r} (.safetensors, .pt, .ckpt or .bin) in {folder!r}"
-        + (f"; it holds {', '.join(os.path.splitext(f)[0] for f in files[:20])}." if files else " (none there).")
+        f"<lora:{name}>: no LoRA file named {name!r} ({', '.join(a1111.LORA_EXTENSIONS)}) in {folder!r}"
+        + (f"; it holds {', '.join(stems[:20])}." if stems else " (none there).")
     )
 
 
