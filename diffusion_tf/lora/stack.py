@@ -74,6 +74,15 @@ def torch_delta(update):
     return np.float32(update.factor) * delta
 
 
+def _our_layout_delta(update, scale):
+    """scale * factor * up @ down straight in our layout ([..., in, out]: Dense [in, out], Conv2D
+    [kh, kw, in, out]), as down^T @ up^T: no transpose of the full-size update."""
+    up = update.up.reshape(update.up.shape[0], -1) * np.float32(scale * update.factor)  # [out, r]
+    down = update.down
+    down = np.transpose(down, (2, 3, 1, 0)) if down.ndim == 4 else down.T  # [kh, kw, in, r] or [in, r]
+    return down @ up.T
+
+
 def _dora_delta(w0, delta, magnitude):
     """peft's DoRA as a change of W0 (torch layout): (c - 1) * W0 + c * delta, c = magnitude / ||W0 + delta||
     per output channel (the norm over every other axis, taken from the base weight)."""
@@ -239,16 +248,19 @@ class LoraStack:
             if target is not None:
                 if total is None:
                     total = original.astype(np.float32)
-                delta = np.float32(entry.scale) * torch_delta(target.update).reshape(torch_shape)
-                if target.update.magnitude is not None:
-                    delta = _dora_delta(np.transpose(original.astype(np.float32), perm), delta,
-                                        target.update.magnitude)
-                total += np.transpose(delta, inverse)
+                update = target.update
+                if update.magnitude is None and update.mid is None and perm in ((1, 0), (3, 2, 0, 1)):
+                    total += _our_layout_delta(update, entry.scale).reshape(total.shape)
+                else:
+                    delta = np.float32(entry.scale) * torch_delta(update).reshape(torch_shape)
+                    if update.magnitude is not None:
+                        delta = _dora_delta(np.transpose(original.astype(np.float32), perm), delta, update.magnitude)
+                    total += np.transpose(delta, inverse)
                 used = True
         if not used:
             return original, False
         with np.errstate(over="ignore", invalid="ignore"):
-            value = total.astype(original.dtype)
+            value = total.astype(original.dtype, copy=False)
         if not np.all(np.isfinite(value)):
             raise LoraError(f"merging gives non-finite values in {component} {path!r} (in {original.dtype}); "
                             "the LoRA's scale is too large.")

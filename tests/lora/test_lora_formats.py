@@ -401,18 +401,19 @@ def test_failure_while_assigning_rolls_back(stack, tmp_path, monkeypatch):
     first = stack.load(write(tmp_path, kohya_pair(CONV, (2, 32, 3, 3), (64, 2, 1, 1), alpha=1), "a.safetensors"))
     merged = torch_weight(stack, "unet", CONV)
     calls = []
-    real = stack_module.torch_delta
+    real = stack_module._our_layout_delta
 
-    def failing(update):
+    def failing(update, scale):
         calls.append(update)
         if len(calls) == 40:
             raise RuntimeError("boom")
-        return real(update)
+        return real(update, scale)
 
-    monkeypatch.setattr(stack_module, "torch_delta", failing)
+    monkeypatch.setattr(stack_module, "_our_layout_delta", failing)
     with pytest.raises(RuntimeError, match="boom"):
         stack.load(KOHYA, 0.7)
-    monkeypatch.setattr(stack_module, "torch_delta", real)
+    assert len(calls) >= 40
+    monkeypatch.setattr(stack_module, "_our_layout_delta", real)
     assert [e.name for e in stack.entries] == [first]
     np.testing.assert_array_equal(torch_weight(stack, "unet", CONV), merged)
     stack.remove(first)

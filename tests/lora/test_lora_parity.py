@@ -234,3 +234,20 @@ def test_live_diffusers_both_case(clean, tiny, tmp_path):
     assert _rel_error(pipe.text_encoder(tiny["ids"]), live["text_embeds"]) <= TOL
     diff = int(np.abs(_generate(pipe, tiny).astype(int) - live["gen_image"].astype(int)).max())
     assert diff <= 2
+
+
+@pytest.mark.heavy  # compiles the tiny pipeline with XLA (about a minute here)
+def test_xla_generation_sees_the_merged_weights(ref, tiny):
+    """An XLA-compiled generation reads the variables when it runs: after load_lora it gives diffusers'
+    image with no new compilation, after unload_loras the first image again."""
+    from diffusion_tf import Text2Image
+
+    pipe = Text2Image(model=tiny_models.converted_folder("tiny-sd1"), img_height=64, img_width=64, jit_compile=True)
+    first = _generate(pipe, tiny)
+    traces = pipe.tracing_count
+    _load_case(pipe, "kohya")
+    image = _generate(pipe, tiny)
+    assert pipe.tracing_count == traces
+    assert int(np.abs(image.astype(int) - ref["kohya_gen_image"].astype(int)).max()) <= 2
+    pipe.unload_loras()
+    np.testing.assert_array_equal(_generate(pipe, tiny), first)
