@@ -25,7 +25,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from support import tiny_models
 
 from diffusion_tf.lora import LoraError, LoraStack
 
@@ -67,11 +66,8 @@ def _report():
 
 
 @pytest.fixture(scope="module")
-def stack():
-    from diffusion_tf.components import load_folder
-
-    parts = load_folder(tiny_models.converted_folder("tiny-sd1"))
-    stack = LoraStack({"unet": parts["unet"], "text_encoder": parts["text_encoder"]})
+def stack(tiny_networks):
+    stack = LoraStack(tiny_networks)
     stack.variables = [v for m in stack.models.values() for v in m.weights]
     stack.before = [np.array(v.numpy(), copy=True) for v in stack.variables]
     return stack

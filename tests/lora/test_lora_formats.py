@@ -30,11 +30,8 @@ PROJ_IN = "down_blocks.0.attentions.0.proj_in"  # 1x1 conv, 32 -> 32
 
 
 @pytest.fixture(scope="module")
-def models():
-    from diffusion_tf.components import load_folder
-
-    parts = load_folder(tiny_models.converted_folder("tiny-sd1"))
-    return {"unet": parts["unet"], "text_encoder": parts["text_encoder"]}
+def models(tiny_networks):
+    return tiny_networks
 
 
 @pytest.fixture
