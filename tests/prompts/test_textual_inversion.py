@@ -78,20 +78,21 @@ def test_an_a1111_safetensors_takes_the_file_stem(clean, tmp_path):
     np.testing.assert_array_equal(clean.conditioning.extra_embeddings(), vec)
 
 
-def test_the_embeddings_folder_words_load_when_a_prompt_uses_them(tiny_folder, tmp_path):
-    from diffusion_tf import Text2Image
-
+def test_the_embeddings_folder_words_load_when_a_prompt_uses_them(clean, tmp_path):
     shutil.copy(A1111, tmp_path / "EasyStyle.pt")
-    p = Text2Image(model=tiny_folder, img_height=64, img_width=64, embedding_dir=str(tmp_path))
-    p.generate("a cat", num_steps=1, seed=0)
-    assert not p.tokenizer.added_tokens  # not named: not loaded
-    with_word = p.generate("a cat, easystyle", num_steps=1, seed=0)
-    assert "easystyle" in p.tokenizer.added_tokens and "easystyle_1" in p.tokenizer.added_tokens
-    without = p.generate("a cat, easy style", num_steps=1, seed=0)
+    own = clean.embedding_dir
+    clean.embedding_dir = str(tmp_path)
+    try:
+        without = clean.generate("a cat, easy style", num_steps=1, seed=0)
+        assert not clean.tokenizer.added_tokens  # not named: not loaded
+        with_word = clean.generate("a cat, easystyle", num_steps=1, seed=0)
+    finally:
+        clean.embedding_dir = own
+    assert "easystyle" in clean.tokenizer.added_tokens and "easystyle_1" in clean.tokenizer.added_tokens
     assert np.abs(with_word.astype(int) - without.astype(int)).max() > 0
     # A1111: all the vectors of a folder's word
-    first = p.tokenizer.added_tokens["easystyle"]
-    assert list(p.tokenize("easystyle")[0, :4]) == [49406, first, first + 1, 49407]
+    first = clean.tokenizer.added_tokens["easystyle"]
+    assert list(clean.tokenize("easystyle")[0, :4]) == [49406, first, first + 1, 49407]
 
 
 def _write(path, tensors):
