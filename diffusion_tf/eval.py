@@ -4,10 +4,18 @@
     python -m diffusion_tf.eval --dataset --n 100 --out report.json   # the analyser's self-check
     python -m diffusion_tf.eval --vae-roundtrip runs/shapes --n 400   # what the VAE alone keeps
     python -m diffusion_tf.eval --model runs/shapes --sensitivity      # which words the UNet uses
+    python -m diffusion_tf.eval --concept cross --lora runs/lora_cross/lora_cross.safetensors   # a LoRA's new word
+    python -m diffusion_tf.eval --lora runs/lora_cross/lora_cross.safetensors:1 --extended-judge  # the old words with it
 
 The images are judged by `diffusion_tf.shapes.judge` (a deterministic, numpy-only
 analyser of background, colour, shape and position; `judge(image, prompt)` compares its
 reading with the prompt). Its names stay importable from here.
+
+`--concept cross` draws the prompts with the shape the built-in model never saw
+(`shapes.EXTRA_SHAPES`, what a LoRA teaches it) and judges them with it in the vocabulary;
+`--extended-judge` judges the usual prompts that way too (a cross drawn for "circle" is then
+wrong, not a circle); `--prompts FILE` judges the prompts of a file; `--lora PATH[:SCALE]`
+merges LoRA files into the model.
 """
 
 import argparse
@@ -26,6 +34,8 @@ from diffusion_tf.shapes import dataset as shapes
 from diffusion_tf.shapes.generate import generate_images
 from diffusion_tf.shapes.judge import (  # noqa: F401
     ATTRIBUTES,
+    CROSS_CORNER_CELL,
+    CROSS_MAX_CORNER,
     FOREGROUND_DISTANCE,
     SQUARE_MIN_FILL,
     TRIANGLE_MAX_FILL,
@@ -193,6 +203,40 @@ def format_sensitivity(result):
     return "\n".join(lines)
 
 
+def lora_argument(text):
+    """`PATH[:SCALE]` -> (path, scale): only a trailing `:number` is a scale (so `C:\\x.safetensors`
+    and a path with colons stay paths); the scale defaults to 1."""
+    path, sep, tail = text.rpartition(":")
+    if sep and path:
+        try:
+            scale = float(tail)
+        except ValueError:
+            pass
+        else:
+            if not math.isfinite(scale):
+                raise argparse.ArgumentTypeError(f"{text!r}: the scale must be a finite number")
+            return path, scale
+    return text, 1.0
+
+
+def read_prompts(path, vocabulary):
+    """The non-empty lines of `path`, each a caption of the grammar with `vocabulary`'s shapes."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except OSError as e:
+        raise ValueError(f"--prompts {path!r}: {e.strerror or e}") from None
+    if not prompts:
+        raise ValueError(f"--prompts {path!r} holds no prompts.")
+    for prompt in prompts:
+        try:
+            shapes.parse_caption(prompt, vocabulary)
+        except ValueError as e:
+            hint = "" if vocabulary == shapes.ALL_SHAPES else " (--extended-judge accepts the extra shapes)"
+            raise ValueError(f"--prompts {path!r}: {e}{hint}") from None
+    return prompts
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog="python -m diffusion_tf.eval",
@@ -217,6 +261,16 @@ def build_parser():
     p.add_argument("--sensitivity", action="store_true",
                    help="with --model: instead of sampling, the denoiser's loss with each attribute of the "
                         "caption changed, by timestep (which words the UNet uses; N images, default 64)")
+    p.add_argument("--lora", metavar="PATH[:SCALE]", type=lora_argument, action="append", default=[],
+                   help="merge this LoRA file into the model at SCALE (default 1); repeatable")
+    p.add_argument("--concept", choices=shapes.EXTRA_SHAPES, default=None,
+                   help="draw the prompts (or, with --dataset / --vae-roundtrip, the images) with this shape, "
+                        "which the built-in model lacks, and judge with it in the vocabulary")
+    p.add_argument("--extended-judge", action="store_true",
+                   help="judge with the extra shapes in the vocabulary (a cross drawn for 'circle' is wrong, not "
+                        "read as the nearest of the three); implied by --concept")
+    p.add_argument("--prompts", metavar="FILE", default=None,
+                   help="judge the prompts of FILE (one per line) instead of drawing --n of them")
     p.add_argument("--n", type=_positive_int, default=None, help="number of prompts (default 100)")
     p.add_argument("--seed", type=_non_negative_int, default=0,
                    help="seed of the prompts and of the generation (prompt k uses seed + k; default 0)")
@@ -242,7 +296,10 @@ def main(argv=None):
         from diffusion_tf.pipeline.text_to_image import Text2Image
 
         n = 64 if args.n is None else args.n
-        pipe = Text2Image(model=args.model)
+        try:
+            pipe = Text2Image(model=args.model, loras=args.lora or None)
+        except ValueError as e:
+            parser.error(str(e))
         try:
             result = caption_sensitivity(pipe, n=n, seed=args.seed)
         except ValueError as e:
@@ -251,9 +308,23 @@ def main(argv=None):
               f"({n} images, seed {args.seed})")
         print(format_sensitivity(result))
         return 0
+    vocabulary = shapes.ALL_SHAPES if (args.concept or args.extended_judge) else shapes.SHAPES
+    drawn = (args.concept,) if args.concept else shapes.SHAPES
+    if args.prompts and (args.dataset or args.vae_roundtrip):
+        parser.error("--prompts judges a model's images: not with --dataset or --vae-roundtrip")
+    if args.lora and (args.dataset or args.vae_roundtrip):
+        parser.error("--lora changes a model: not with --dataset or --vae-roundtrip")
+    if args.prompts and args.concept:
+        parser.error("--prompts gives the prompts: not with --concept (use --extended-judge for the extra shapes)")
+    if args.prompts:
+        try:
+            prompts = read_prompts(args.prompts, vocabulary)
+        except ValueError as e:
+            parser.error(str(e))
+        args.n = len(prompts)
     args.n = 100 if args.n is None else args.n
     if args.dataset:
-        images, prompts = shapes.make_dataset(args.n, args.seed)
+        images, prompts = shapes.make_dataset(args.n, args.seed, shapes=drawn)
         source = "dataset"
     elif args.vae_roundtrip:
         from diffusion_tf.training import vae as training_vae  # lazy: TensorFlow only when a model runs
@@ -262,25 +333,32 @@ def main(argv=None):
             vae = training_vae.load_vae_from(args.vae_roundtrip)
         except ValueError as e:
             parser.error(f"--vae-roundtrip: {e}")
-        images, prompts = shapes.make_dataset(args.n, args.seed)
+        images, prompts = shapes.make_dataset(args.n, args.seed, shapes=drawn)
         images = training_vae.vae_roundtrip(vae, images)
         source = "vae_roundtrip"
     else:
-        prompts = shapes.sample_prompts(args.n, args.seed)
+        if not args.prompts:
+            prompts = shapes.sample_prompts(args.n, args.seed, shapes=drawn)
         try:
             images = generate_images(prompts, model=args.model, steps=args.steps, seed=args.seed,
                                      batch=args.batch, guidance=args.guidance, scheduler=args.scheduler,
-                                     log=lambda msg: print(msg, file=sys.stderr), jit_compile=args.jit_compile)
-        except ValueError as e:  # a bad --model, --scheduler, --steps or --guidance
+                                     log=lambda msg: print(msg, file=sys.stderr), jit_compile=args.jit_compile,
+                                     loras=args.lora or None)
+        except ValueError as e:  # a bad --model, --scheduler, --steps, --guidance or --lora
             parser.error(str(e))
         source = "model"
-    verdicts = [judge(img, prompt) for img, prompt in zip(images, prompts)]
+    verdicts = [judge(img, prompt, shapes=vocabulary) for img, prompt in zip(images, prompts)]
     scores = score(verdicts)
     label = {
         "dataset": "dataset (rendered images)",
         "vae_roundtrip": f"dataset through the VAE of {args.vae_roundtrip}",
     }.get(source, f"model {args.model or '(default)'}")
-    print(f"{label}: {args.n} prompts, seed {args.seed}" + ("" if args.steps is None else f", {args.steps} steps"))
+    if args.lora:
+        label += " with LoRA " + ", ".join(f"{path}:{scale:g}" for path, scale in args.lora)
+    extra = (f"; shape {args.concept}" if args.concept else "") + (
+        "; judged with the shapes " + ", ".join(vocabulary) if vocabulary != shapes.SHAPES else "")
+    print(f"{label}: {args.n} prompts, seed {args.seed}" + ("" if args.steps is None else f", {args.steps} steps")
+          + extra)
     print(format_table(scores))
     if args.out:
         report = {
@@ -291,10 +369,16 @@ def main(argv=None):
             "steps": args.steps,
             "guidance": args.guidance,
             "scheduler": args.scheduler,
+            "loras": [[path, scale] for path, scale in args.lora],
+            "concept": args.concept,
+            "prompts_file": args.prompts,
+            "vocabulary": list(vocabulary),
             "thresholds": {
                 "foreground_distance": FOREGROUND_DISTANCE,
                 "triangle_max_fill": TRIANGLE_MAX_FILL,
                 "square_min_fill": SQUARE_MIN_FILL,
+                "cross_corner_cell": CROSS_CORNER_CELL,
+                "cross_max_corner": CROSS_MAX_CORNER,
                 "third_low": shapes.THIRD_LOW,
                 "third_high": shapes.THIRD_HIGH,
             },

@@ -3,6 +3,7 @@
     python -m diffusion_tf.train --save runs/shapes --gif          # VAE, then UNet + text encoder
     python -m diffusion_tf.train --save runs/shapes --resume       # continue after an interruption
     python text2image.py --model runs/shapes --prompt "a red circle on a blue background"
+    python -m diffusion_tf.train --stage lora --base shapes --data FOLDER --save runs/lora_x   # a LoRA
 
 A compatibility module: the code is the `diffusion_tf.training` package (its docstring
 describes the stages, the checkpoints and the outputs); this module re-exports its public
@@ -33,10 +34,19 @@ from diffusion_tf.training.data import (
     phased_batch_indices,
     tokenize,
 )
+from diffusion_tf.training.imagefolder import DataError, load_images, scan_folder
+from diffusion_tf.training.lora import (
+    LoraAttachment,
+    LoraNetwork,
+    LoraTrainer,
+    lora_targets,
+    write_lora_file,
+)
 from diffusion_tf.training.options import (
     BETA_RANGES,
     DEFAULT_PROMPT,
     GENERATION_DEFAULTS,
+    LORA_TRAIN,
     ORDER,
     PREDICTIONS,
     PREFIXES,
@@ -80,12 +90,17 @@ __all__ = [
     "BETA_RANGES",
     "CHECKPOINT_FORMAT",
     "DEFAULT_PROMPT",
+    "DataError",
     "DecoderTrainer",
     "DiffusionTrainer",
     "EMA",
     "EVAL_SEED_OFFSET",
     "EXIT_USAGE",
     "GENERATION_DEFAULTS",
+    "LORA_TRAIN",
+    "LoraAttachment",
+    "LoraNetwork",
+    "LoraTrainer",
     "ORDER",
     "PREDICTIONS",
     "PREFIXES",
@@ -106,7 +121,9 @@ __all__ = [
     "checkpoint_path",
     "forward_process_frames",
     "image_to_image_latents",
+    "load_images",
     "load_vae_from",
+    "lora_targets",
     "main",
     "make_optimizer",
     "make_tf_dataset",
@@ -121,12 +138,14 @@ __all__ = [
     "reverse_process_frames",
     "save_gif",
     "save_loss_plot",
+    "scan_folder",
     "scheduler_config",
     "stored_history",
     "tokenize",
     "train",
     "vae_roundtrip",
     "write_checkpoint",
+    "write_lora_file",
 ]
 
 

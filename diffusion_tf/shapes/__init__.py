@@ -1,7 +1,9 @@
 """The captioned-shapes dataset (numpy only; importing it does not import TensorFlow)."""
 
 from diffusion_tf.shapes.dataset import (
+    ALL_SHAPES,
     COLORS,
+    EXTRA_SHAPES,
     IMAGE_SIZE,
     MAX_SIZE,
     MIN_SIZE,
@@ -13,6 +15,7 @@ from diffusion_tf.shapes.dataset import (
     Spec,
     article,
     caption,
+    check_shapes,
     make_dataset,
     parse_caption,
     random_spec,
@@ -23,7 +26,9 @@ from diffusion_tf.shapes.dataset import (
 )
 
 __all__ = [
+    "ALL_SHAPES",
     "COLORS",
+    "EXTRA_SHAPES",
     "IMAGE_SIZE",
     "MAX_SIZE",
     "MIN_SIZE",
@@ -35,6 +40,7 @@ __all__ = [
     "Spec",
     "article",
     "caption",
+    "check_shapes",
     "make_dataset",
     "parse_caption",
     "random_spec",

@@ -25,6 +25,16 @@ Centres are whole numbers, and named positions keep a margin of 2 px inside thei
 (x <= 20 for left, x >= 44 for right, the same for top/bottom), so the measured pixel
 centroid always lands in the third.
 
+One shape outside the grammar, `EXTRA_SHAPES` = ("cross",), is what the built-in model
+never saw: the LoRA demo's new word (README, "Training a LoRA"). It is opt-in: the
+functions that draw or parse take `shapes=` (default `SHAPES`, so the dataset, its bytes
+and the parser are those of the three shapes unless a caller names "cross"):
+
+- cross: an upright plus sign, `size` across in both directions, centred on (cx, cy);
+  its two arms are size / 3 thick (the pixels of the size x size square whose centre is
+  less than size / 6 from the vertical or the horizontal centre line), so each corner
+  ninth of its bounding box is empty.
+
 Pure numpy (no TensorFlow, no PIL), so importing it is cheap. Randomness
 comes from `numpy.random.Generator(PCG64)`, so a seed gives identical bytes in every
 process and on every platform.
@@ -52,6 +62,9 @@ PALETTE = OrderedDict(
 )
 COLORS = tuple(PALETTE)
 SHAPES = ("circle", "square", "triangle")
+# Shapes outside the grammar of the built-in model, used only where a caller asks for them.
+EXTRA_SHAPES = ("cross",)
+ALL_SHAPES = SHAPES + EXTRA_SHAPES
 POSITIONS = ("left", "right", "top", "bottom")
 MIN_SIZE, MAX_SIZE = 18, 30
 # The thirds: the centre is in "left" when x < LOW, "right" when x > HIGH (same for y).
@@ -91,8 +104,8 @@ class Spec:
             raise ValueError(f"background={self.background!r}; allowed: {', '.join(COLORS)}.")
         if self.background == self.color:
             raise ValueError(f"background {self.background!r} equals the shape's colour.")
-        if self.shape not in SHAPES:
-            raise ValueError(f"shape={self.shape!r}; allowed: {', '.join(SHAPES)}.")
+        if self.shape not in ALL_SHAPES:
+            raise ValueError(f"shape={self.shape!r}; allowed: {', '.join(ALL_SHAPES)}.")
         if self.position is not None and self.position not in POSITIONS:
             raise ValueError(f"position={self.position!r}; allowed: None, {', '.join(POSITIONS)}.")
         if not MIN_SIZE <= self.size <= MAX_SIZE:
@@ -131,16 +144,30 @@ def _draw_centre(rng, shape, size, axis, position):
     return int(rng.integers(lo, hi + 1))
 
 
-def random_spec(rng, p_position=0.5, p_background=0.5):
+def check_shapes(shapes):
+    """`shapes` as a tuple of distinct names from `ALL_SHAPES` (ValueError naming the value)."""
+    if isinstance(shapes, str):
+        shapes = (shapes,)
+    shapes = tuple(shapes)
+    bad = [s for s in shapes if s not in ALL_SHAPES]
+    if not shapes or bad or len(set(shapes)) != len(shapes):
+        raise ValueError(f"shapes={shapes!r}; must be distinct names from {', '.join(ALL_SHAPES)}.")
+    return shapes
+
+
+def random_spec(rng, p_position=0.5, p_background=0.5, shapes=SHAPES):
     """A random `Spec` drawn with `rng` (a `numpy.random.Generator`).
 
     The caption names a position with probability `p_position` (then one of the four,
-    uniformly) and the background with probability `p_background`.
+    uniformly) and the background with probability `p_background`; the shape is one of
+    `shapes`, uniformly (the same draws as before `shapes` existed when it is `SHAPES`).
     """
     if not 0 <= p_position <= 1 or not 0 <= p_background <= 1:
         raise ValueError(f"p_position={p_position}, p_background={p_background}; must be in [0, 1].")
+    if shapes is not SHAPES:
+        shapes = check_shapes(shapes)
     color = COLORS[int(rng.integers(len(COLORS)))]
-    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    shape = shapes[int(rng.integers(len(shapes)))]
     size = int(rng.integers(MIN_SIZE, MAX_SIZE + 1))
     position = POSITIONS[int(rng.integers(len(POSITIONS)))] if rng.random() < p_position else None
     background_named = bool(rng.random() < p_background)
@@ -164,28 +191,39 @@ def caption(spec):
 
 
 _COLOR_RE = "|".join(COLORS)
-_CAPTION_RE = re.compile(
-    rf"(?P<art>an?) (?P<color>{_COLOR_RE}) (?P<shape>{'|'.join(SHAPES)})"
-    rf"(?: on the (?P<position>{'|'.join(POSITIONS)}))?"
-    rf"(?: on (?P<bg_art>an?) (?P<background>{_COLOR_RE}) background)?"
-)
 
 
-def parse_caption(text):
+def _caption_re(shapes):
+    return re.compile(
+        rf"(?P<art>an?) (?P<color>{_COLOR_RE}) (?P<shape>{'|'.join(shapes)})"
+        rf"(?: on the (?P<position>{'|'.join(POSITIONS)}))?"
+        rf"(?: on (?P<bg_art>an?) (?P<background>{_COLOR_RE}) background)?"
+    )
+
+
+_CAPTION_RE = _caption_re(SHAPES)
+_CAPTION_RES = {SHAPES: _CAPTION_RE}
+
+
+def parse_caption(text, shapes=SHAPES):
     """{"color", "shape", "position" (or None), "background" (or None)} of a caption.
 
     Case and surrounding whitespace are ignored; anything else must fit the grammar
     exactly (right articles, single spaces, a background different from the shape's
-    colour), else ValueError naming the text.
+    colour), else ValueError naming the text. `shapes`: the shape words accepted (default
+    the grammar's three; `ALL_SHAPES` adds "cross").
     """
     if not isinstance(text, str):
         raise ValueError(f"caption {text!r} is not a string.")
-    m = _CAPTION_RE.fullmatch(text.strip().lower())
+    shapes = SHAPES if shapes is SHAPES else check_shapes(shapes)
+    if shapes not in _CAPTION_RES:
+        _CAPTION_RES[shapes] = _caption_re(shapes)
+    m = _CAPTION_RES[shapes].fullmatch(text.strip().lower())
     if m is None:
         raise ValueError(
             f"caption {text!r} does not fit the grammar "
             "'{a|an} {color} {shape}[ on the {left|right|top|bottom}][ on {a|an} {bg} background]' "
-            f"(colors: {', '.join(COLORS)}; shapes: {', '.join(SHAPES)})."
+            f"(colors: {', '.join(COLORS)}; shapes: {', '.join(shapes)})."
         )
     color, background = m["color"], m["background"]
     if m["art"] != article(color):
@@ -207,8 +245,8 @@ _YY, _XX = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float64) + 0.5
 
 def shape_mask(shape, size, cx, cy):
     """bool [64, 64]: the pixels whose centre lies in the shape."""
-    if shape not in SHAPES:
-        raise ValueError(f"shape={shape!r}; allowed: {', '.join(SHAPES)}.")
+    if shape not in ALL_SHAPES:
+        raise ValueError(f"shape={shape!r}; allowed: {', '.join(ALL_SHAPES)}.")
     mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
     # only the pixels of the bounding box can be in the shape (an exact speed-up)
     x0, y0, x1, y1 = _extent(shape, size, cx, cy)
@@ -222,6 +260,10 @@ def shape_mask(shape, size, cx, cy):
         inside = dx * dx + dy * dy < half * half
     elif shape == "square":
         inside = (dx >= -half) & (dx < half) & (dy >= -half) & (dy < half)
+    elif shape == "cross":
+        arm = size / 6  # half the thickness of an arm
+        inside = ((dx >= -half) & (dx < half) & (dy >= -half) & (dy < half)
+                  & ((np.abs(dx) < arm) | (np.abs(dy) < arm)))
     else:
         # triangle: apex (cx, cy - 2s/3), base from (cx - s/2, cy + s/3) to (cx + s/2, cy + s/3)
         depth = dy + 2 * size / 3  # distance below the apex
@@ -250,18 +292,19 @@ def _rng(seed, stream):
     return np.random.Generator(np.random.PCG64([int(seed), stream]))
 
 
-def random_specs(n, seed, p_position=0.5, p_background=0.5):
+def random_specs(n, seed, p_position=0.5, p_background=0.5, shapes=SHAPES):
     """n specs drawn deterministically from `seed` (the stream `make_dataset` uses)."""
     rng = _rng(seed, 0)
-    return [random_spec(rng, p_position, p_background) for _ in range(_check_n(n))]
+    return [random_spec(rng, p_position, p_background, shapes) for _ in range(_check_n(n))]
 
 
-def make_dataset(n, seed, p_position=0.5, p_background=0.5, return_specs=False):
+def make_dataset(n, seed, p_position=0.5, p_background=0.5, return_specs=False, shapes=SHAPES):
     """(images uint8 [n, 64, 64, 3], captions list[str]); the same seed gives the same bytes.
 
-    With `return_specs=True` the list of `Spec`s comes third.
+    With `return_specs=True` the list of `Spec`s comes third. `shapes`: the shapes drawn
+    (default the grammar's three; e.g. ("cross",) for images of the extra shape only).
     """
-    specs = random_specs(n, seed, p_position, p_background)
+    specs = random_specs(n, seed, p_position, p_background, shapes)
     images = np.empty((len(specs), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     for i, spec in enumerate(specs):
         images[i] = render(spec)
@@ -269,8 +312,9 @@ def make_dataset(n, seed, p_position=0.5, p_background=0.5, return_specs=False):
     return (images, captions, specs) if return_specs else (images, captions)
 
 
-def sample_prompts(n, seed, p_position=0.5, p_background=0.5):
+def sample_prompts(n, seed, p_position=0.5, p_background=0.5, shapes=SHAPES):
     """n captions drawn from the grammar (for evaluation), from a stream separate from
-    `make_dataset`'s, so `sample_prompts(n, s)` is not `make_dataset(n, s)`'s captions."""
+    `make_dataset`'s, so `sample_prompts(n, s)` is not `make_dataset(n, s)`'s captions.
+    `shapes`: the shapes the prompts name (default the grammar's three)."""
     rng = _rng(seed, 1)
-    return [caption(random_spec(rng, p_position, p_background)) for _ in range(_check_n(n))]
+    return [caption(random_spec(rng, p_position, p_background, shapes)) for _ in range(_check_n(n))]

@@ -9,11 +9,12 @@ from diffusion_tf.shapes import dataset as shapes
 
 
 def generate_images(prompts, model=None, steps=None, seed=0, batch=10, guidance=None, scheduler=None, log=print,
-                    jit_compile=False, pipeline=None):
+                    jit_compile=False, pipeline=None, loras=None):
     """One 64x64 image per prompt from `diffusion_tf.Text2Image`; prompt k uses seed + k
     (batches of `batch` prompts). `model=None` uses Text2Image's default model; `steps`
-    and `guidance` None use `generate`'s defaults. `pipeline`: a Text2Image to use
-    instead of building one (then `model`, `scheduler` and `jit_compile` are its own)."""
+    and `guidance` None use `generate`'s defaults. `loras`: LoRA files merged into the
+    model, each a path or (path, scale). `pipeline`: a Text2Image to use instead of
+    building one (then `model`, `scheduler`, `jit_compile` and `loras` are its own)."""
     if pipeline is not None:
         t2i = pipeline
     else:
@@ -24,6 +25,8 @@ def generate_images(prompts, model=None, steps=None, seed=0, batch=10, guidance=
             kwargs["model"] = model
         if scheduler is not None:
             kwargs["scheduler"] = scheduler
+        if loras:
+            kwargs["loras"] = list(loras)
         t2i = Text2Image(**kwargs)
     options = {}
     if steps is not None:

@@ -24,6 +24,13 @@ LinearAttention in its self-attention. The stages, in the order of `--stage all`
 4. "refine": the decoder again, now on the latents the trained UNet produces by
    image-to-image from fresh dataset images, to the images themselves (`train_refine`):
    the UNet rounds square corners, and the decoder learns to undo it.
+5. "lora" (not part of "all"): a LoRA for a given model (`--base`, e.g. the built-in
+   "shapes"), trained on a folder of images with same-named .txt captions (`--data`, kohya's
+   convention, `N_name` subfolders repeated N times): low-rank factors (`--rank`, `--alpha`) on
+   the UNet's attention projections (`--lora-ff`, `--lora-text-encoder` add the feed-forward
+   and the text encoder's), the base networks frozen, the UNet stage's loss (`lora`,
+   `LoraTrainer`). It writes FOLDER/<FOLDER name>.safetensors in kohya's format, which
+   `Text2Image.load_lora` and diffusers' `load_lora_weights` read.
 
 All are `keras.Model.fit` with a custom `train_step`, Adam with a linear warm-up, and an
 exponential moving average of the weights (`EMA`, its decay warming up as
@@ -44,16 +51,19 @@ Output, under `--save FOLDER`:
     FOLDER/loss.png                   loss curves of the stages
     FOLDER/vae_reconstruction.png     dataset images (top) and their VAE reconstructions (bottom)
     FOLDER/forward.gif, reverse.gif   with --gif: the forward (noising) and reverse (sampling) processes
+    FOLDER/checkpoints/lora.h5        --stage lora: its training state (the factors, their EMA, Adam)
+    FOLDER/<FOLDER name>.safetensors  --stage lora: the LoRA (EMA factors, kohya keys and ss_* metadata)
 
 Several visible GPUs, or several logical CPU devices, train under
 `tf.distribute.MirroredStrategy` (the global batch is split between the replicas).
 
 The modules, each with one job, lowest first (each imports only modules listed before it in
 this list): `files` (atomic writes), `options` (presets, TrainOptions, validation),
-`checkpoint` (the HDF5 checkpoint format), `plan` (the resume plan), `data` (batches and
-tf.data), `trainers` (LR schedule, EMA, the trainer models), `pictures` (loss plot,
+`imagefolder` (the LoRA stage's captioned-image folder), `checkpoint` (the HDF5 checkpoint
+format), `plan` (the resume plan), `data` (batches and tf.data), `trainers` (LR schedule,
+EMA, the trainer models), `lora` (LoRA factors, their attachment, the kohya file), `pictures` (loss plot,
 frames, GIFs), `vae` (the trained VAE outside a run), `refine` (the refinement stage's
 image-to-image latents), `session` (what the stages share: datasets, the fit loop),
-`stages` (the four stages), `run` (`train`, `TrainingRun`), `cli` (the command line).
+`stages` (the stages), `run` (`train`, `TrainingRun`), `cli` (the command line).
 `diffusion_tf.train` re-exports their public names.
 """

@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import sys
 
+from diffusion_tf.training.imagefolder import DataError
 from diffusion_tf.training.options import DEFAULT_PROMPT, PRESETS, STAGES, TrainOptions
 from diffusion_tf.training.plan import plan
 from diffusion_tf.training.run import train
@@ -23,10 +24,10 @@ def build_parser():
     p = _Parser(
         prog="python -m diffusion_tf.train",
         description="Train a small text-to-image latent diffusion model (Stable Diffusion classes) "
-        "from scratch on the captioned-shapes dataset.",
+        "from scratch on the captioned-shapes dataset, or a LoRA for a model on a folder of captioned images.",
     )
     a = p.add_argument
-    a("--stage", choices=STAGES, default="all", help="vae, decoder (fine-tune the VAE decoder, encoder frozen), unet (+ text encoder, VAE frozen), refine (the decoder fine-tuned on the trained UNet's image-to-image latents), or all (default: the four in order)")
+    a("--stage", choices=STAGES, default="all", help="vae, decoder (fine-tune the VAE decoder, encoder frozen), unet (+ text encoder, VAE frozen), refine (the decoder fine-tuned on the trained UNet's image-to-image latents), all (default: the four in order), or lora (a LoRA for --base trained on --data; writes FOLDER/<FOLDER name>.safetensors, kohya format)")
     a("--config", choices=tuple(PRESETS), default=None, help="architecture preset (default small; tiny for tests)")
     a("--epochs", type=int, help="epochs of the stage trained (the UNet's with --stage all); the total when resuming")
     a("--steps", type=int, help="steps per epoch")
@@ -67,10 +68,19 @@ def build_parser():
     a("--jit-compile", action="store_true", help="XLA-compile the train step")
     a("--run-eagerly", action="store_true", help="run the train step eagerly (debugging; no tracing)")
     a("--deterministic", action="store_true", help="tf.config.experimental.enable_op_determinism()")
-    a("--weights-dtype", choices=("float16", "float32"), default="float16", help="dtype of the written model weights")
+    a("--weights-dtype", choices=("float16", "float32"), default=None, help="dtype of the written weights (default float16 for a model folder, float32 for a LoRA file)")
     a("--eval-every", type=int, default=0, help="UNet stage: judge prompt adherence (diffusion_tf.eval) every N epochs; 0: never (default)")
     a("--eval-prompts", type=int, default=50, help="prompts judged by --eval-every (default 50)")
     a("--verbose", type=int, default=1, help="Keras fit verbosity: 0 silent, 1 progress bar (default), 2 one line per epoch")
+    lora = p.add_argument_group("--stage lora (defaults: 10 epochs x 100 steps, batch 16, lr 1e-3, warm-up 50, EMA 0.99)")
+    b = lora.add_argument
+    b("--base", metavar="MODEL_FOLDER", help="the model the LoRA is for: a model folder, 'shapes' (the built-in model) or a converted preset")
+    b("--data", metavar="FOLDER", help="images (png/jpg/webp) with same-named .txt captions; kohya's N_name subfolders repeat their images N times")
+    b("--rank", type=int, help="rank of the low-rank factors (default 8)")
+    b("--alpha", type=float, help="kohya's alpha: the update is alpha / rank * up @ down (default: the rank)")
+    b("--lora-ff", action="store_true", default=None, help="also the UNet's feed-forward layers (default: attention projections only)")
+    b("--lora-conv", action="store_true", default=None, help="also the UNet's resnet 3x3 convolutions (kohya's LoCon: down 3x3, up 1x1)")
+    b("--lora-text-encoder", action="store_true", default=None, help="also the text encoder's q/k/v/out_proj")
     return p
 
 
@@ -89,6 +99,8 @@ def main(argv=None):
         parser.exit(EXIT_USAGE, f"{parser.prog}: error: {e}\n")
     try:
         train(options)
+    except DataError as e:  # an image that cannot be decoded (plan() checked the rest)
+        parser.exit(EXIT_USAGE, f"{parser.prog}: error: {e}\n")
     except KeyboardInterrupt:
         print("interrupted; continue with --resume", file=sys.stderr)
         return 130

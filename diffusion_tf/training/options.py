@@ -81,8 +81,8 @@ PRESETS = {
     },
 }
 
-STAGES = ("all", "vae", "decoder", "unet", "refine")
-ORDER = ("vae", "decoder", "unet", "refine")  # the stages of "all", in order
+STAGES = ("all", "vae", "decoder", "unet", "refine", "lora")
+ORDER = ("vae", "decoder", "unet", "refine")  # the stages of "all", in order (not "lora": it fine-tunes a given model)
 PREFIXES = {"unet": "", "vae": "vae_", "decoder": "decoder_", "refine": "refine_"}
 SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 PREDICTIONS = ("epsilon", "v_prediction")
@@ -98,6 +98,16 @@ RUN_FIELDS = (
     "kl_weight", "cfg_drop", "position_steps", "position_t_min", "steps", "lr", "batch_size", "vae_steps", "vae_lr", "vae_batch_size",
     "decoder_steps", "decoder_lr", "decoder_batch_size", "refine_steps", "refine_lr", "refine_batch_size",
 )
+# The LoRA stage (`--stage lora`): low-rank factors on a given model's attention projections,
+# trained on a folder of captioned images. Its defaults (epochs, steps, lr, batch_size, warmup,
+# ema_decay) replace the preset's, whose architecture it does not use; rank 8, alpha = rank.
+LORA_TRAIN = {"epochs": 10, "steps": 100, "lr": 1e-3, "batch_size": 16, "warmup": 50, "ema_decay": 0.99}
+LORA_RANK = 8
+LORA_FIELDS = ("base", "data", "rank", "alpha", "lora_ff", "lora_conv", "lora_text_encoder")  # define a LoRA run, as RUN_FIELDS
+# Options of the other stages that --stage lora refuses (the base model's own, or not offered).
+LORA_REFUSED = {"T": "the base model's", "schedule": "the base model's", "prediction": "the base model's",
+                "vae": "the base model's", "position_steps": "not used", "position_t_min": "not used",
+                "gif": "not offered", "eval_every": "not offered"}
 
 
 
@@ -172,10 +182,18 @@ class TrainOptions:
     jit_compile: bool = False
     run_eagerly: bool = False  # no tf.function: slow steps but no tracing (tests, debugging)
     deterministic: bool = False
-    weights_dtype: str = "float16"
+    weights_dtype: str = None  # of the written weights: float16 (a model folder), float32 (a LoRA file)
     verbose: int = 1
     eval_every: int = 0  # UNet stage: judge prompt adherence every N epochs (0: never)
     eval_prompts: int = 50
+    # --stage lora
+    base: str = None  # the model folder (or "shapes", a preset name) the LoRA is trained on
+    data: str = None  # a folder of images with same-named .txt captions (kohya convention)
+    rank: int = None  # of the low-rank factors (default LORA_RANK)
+    alpha: float = None  # kohya's alpha: the update is alpha / rank * up @ down (default: the rank)
+    lora_ff: bool = None  # also the UNet's feed-forward linears (ff.net.0.proj, ff.net.2)
+    lora_conv: bool = None  # also the UNet's resnet 3x3 convolutions (conv1, conv2; kohya's LoCon)
+    lora_text_encoder: bool = None  # also the text encoder's q/k/v/out_proj
 
     def canonical(self):
         """A copy where epochs/steps/lr/batch_size always mean the UNet stage's: with
@@ -193,6 +211,12 @@ class TrainOptions:
         """A copy with every None replaced by its default, validated (ValueError naming the value)."""
         o = self.canonical()
         o.stage = check_choice("stage", o.stage, STAGES)
+        if o.stage == "lora":
+            self._resolve_lora(o)
+        else:
+            given = [f for f in LORA_FIELDS if getattr(o, f) is not None]
+            if given:
+                raise ValueError(f"{', '.join('--' + f.replace('_', '-') for f in given)}: only with --stage lora.")
         o.config = check_choice("config", "small" if o.config is None else o.config, tuple(PRESETS))
         train = PRESETS[o.config]["train"]
         defaults = dict(
@@ -234,6 +258,8 @@ class TrainOptions:
         check_float("kl_weight", o.kl_weight, 0, 1)
         check_float("cfg_drop", o.cfg_drop, 0, 1)
         check_float("gif_guidance", o.gif_guidance, 0, 100)
+        if o.weights_dtype is None:
+            o.weights_dtype = "float32" if o.stage == "lora" else "float16"
         o.weights_dtype = check_choice("weights_dtype", o.weights_dtype, ("float16", "float32"))
         if not isinstance(o.save, (str, os.PathLike)) or not os.fspath(o.save):
             raise ValueError(f"save={o.save!r}; must be a folder path.")
@@ -242,10 +268,42 @@ class TrainOptions:
             raise ValueError(f"gif_prompt={o.gif_prompt!r}; must be a non-empty string.")
         return o
 
+    @staticmethod
+    def _resolve_lora(o):
+        """The LoRA stage's own options in place: its defaults for the generic hyperparameters
+        (before the preset's would fill them), the rank, alpha and targets, base and data."""
+        refused = [f for f in LORA_REFUSED if getattr(o, f) not in (None, False, 0)]
+        if refused:
+            raise ValueError("--stage lora: " + "; ".join(f"--{f.replace('_', '-')} is {LORA_REFUSED[f]}"
+                                                          for f in refused) + ".")
+        for key, value in LORA_TRAIN.items():
+            if getattr(o, key) is None:
+                setattr(o, key, value)
+        for field in ("base", "data"):
+            value = getattr(o, field)
+            if value is None:
+                raise ValueError(f"--stage lora needs --{field} "
+                                 + ("MODEL_FOLDER (or 'shapes', the built-in model)." if field == "base"
+                                    else "FOLDER (images with same-named .txt captions)."))
+            if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+                raise ValueError(f"{field}={value!r}; must be a folder path.")
+        o.base = normalized_base(o.base)
+        o.data = os.path.abspath(os.fspath(o.data))
+        o.rank = check_int("rank", LORA_RANK if o.rank is None else o.rank, 1)
+        o.alpha = check_float("alpha", float(o.rank) if o.alpha is None else o.alpha, 0, 1e6, low_open=True)
+        o.lora_ff, o.lora_conv, o.lora_text_encoder = bool(o.lora_ff), bool(o.lora_conv), bool(o.lora_text_encoder)
+
     def stage_hparams(self, stage):
-        """{"epochs", "steps", "lr", "batch_size"} of `stage` ("vae" or "unet")."""
-        prefix = PREFIXES[stage]
+        """{"epochs", "steps", "lr", "batch_size"} of `stage` ("vae", "unet", "lora", ...)."""
+        prefix = PREFIXES.get(stage, "")  # "lora": the generic fields
         return {k: getattr(self, prefix + k) for k in ("epochs", "steps", "lr", "batch_size")}
+
+
+def normalized_base(base):
+    """A LoRA's base model as a run records it: an existing folder as its absolute path, a
+    name ("shapes", a preset) as given."""
+    base = os.fspath(base)
+    return os.path.abspath(base) if os.path.isdir(base) else base
 
 
 def beta_range(schedule, T):

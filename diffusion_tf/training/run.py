@@ -49,7 +49,8 @@ class TrainingRun(Stages):
 def train(options=None, log=print, **kwargs):
     """Runs the stages `options` asks for (a TrainOptions, or its fields as keywords).
 
-    Returns {"save", "model" (the folder or None), "histories", "gifs", "options"}.
+    Returns {"save", "model" (the folder or None), "histories", "gifs", "options"}, and with
+    stage="lora" "lora": the path of the written LoRA file (the model folder is not written).
     """
     if options is None:
         options = TrainOptions(**kwargs)
@@ -72,6 +73,12 @@ def train(options=None, log=print, **kwargs):
     run = TrainingRun(options, actions, log=log)
     runtime.apply()  # the heap setting of the runtime options, once, before the first step (as load_folder)
     result = {"save": options.save, "model": None, "gifs": [], "options": options, "histories": run.histories}
+    if "lora" in actions:
+        result["lora"] = run.train_lora()
+        run.write_loss_plot()
+        log(f'generate with: python text2image.py --model {options.base} --lora {result["lora"]} '
+            '--prompt "..."')
+        return result
     if "vae" in actions:
         run.train_vae()
     if "decoder" in actions:

@@ -166,11 +166,13 @@ class Session:
         self.write_loss_plot()
 
     # -------------------------------------------------------------- the fit loop and the VAE
-    def fit_stage(self, stage, trainer, arrays, val_arrays, resume, first=(0, ()), adherence=None):
+    def fit_stage(self, stage, trainer, arrays, val_arrays, resume, first=(0, ()), adherence=None, rows=None):
         """Builds the optimizer, restores the checkpoint when resuming, and runs fit.
 
         `first` = (steps, rows): the first `steps` global steps draw their batches from `rows` only.
-        `adherence`: trainer -> scores, judged every `eval_every` epochs (`StageCallback`)."""
+        `adherence`: trainer -> scores, judged every `eval_every` epochs (`StageCallback`).
+        `rows`: the dataset row at each position of the epoch stream (rows repeated for the
+        LoRA stage's repeats); default every row once."""
         h = self.o.stage_hparams(stage)
         replicas = self.strategy.num_replicas_in_sync
         if h["batch_size"] % replicas:
@@ -200,10 +202,12 @@ class Session:
         if start == 0:
             before = trainer.evaluate(val_ds, steps=val_steps, verbose=0, return_dict=True)["loss"]
             history["val_loss"] = [float(before)]
+        n = len(tf.nest.flatten(arrays)[0]) if rows is None else len(rows)
         indices = phased_batch_indices(  # = batch_indices when first is (0, ())
-            len(tf.nest.flatten(arrays)[0]), h["batch_size"], self.o.seed, start * h["steps"],
-            h["epochs"] * h["steps"], *first,
+            n, h["batch_size"], self.o.seed, start * h["steps"], h["epochs"] * h["steps"], *first,
         )
+        if rows is not None:
+            indices = np.asarray(rows, np.int32)[indices]
         self.log(
             f"[{stage}] training epochs {start + 1}..{h['epochs']} x {h['steps']} steps, batch {h['batch_size']}, "
             f"lr {h['lr']}, {replicas} replica(s); held-out loss {history['val_loss'][-1]:.4f}"
@@ -277,9 +281,12 @@ class Session:
     def write_loss_plot(self):
         titles = {"vae": "VAE: L1 + KL", "decoder": "VAE decoder fine-tuning: L1",
                   "refine": "VAE decoder on the UNet's image-to-image latents: L1",
-                  "unet": f"UNet + text encoder: MSE ({self.o.prediction})"}
+                  "unet": f"UNet + text encoder: MSE ({self.o.prediction})",
+                  "lora": f"LoRA (rank {self.o.rank}) on {os.path.basename(str(self.o.base))}: MSE "
+                          f"({self.extra_meta.get('lora', {}).get('prediction', '')}; orange: a fixed batch "
+                          "of the training images)"}
         panels = []
-        for stage in ORDER:
+        for stage in ORDER + ("lora",):
             h = self.histories.get(stage)
             if h and h["loss"]:
                 steps = self.o.stage_hparams(stage)["steps"]

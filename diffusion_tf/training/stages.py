@@ -1,6 +1,7 @@
-"""The four stages of a run, in the order of `--stage all` (`Stages`, over `Session`):
-the VAE, the decoder fine-tuning, the UNet with the text encoder (and its --eval-every
-judging of prompt adherence), and the decoder's refinement on the UNet's own latents."""
+"""The stages of a run (`Stages`, over `Session`): the four of `--stage all`, in order (the
+VAE, the decoder fine-tuning, the UNet with the text encoder and its --eval-every judging of
+prompt adherence, the decoder's refinement on the UNet's own latents), and the LoRA stage
+(`--stage lora`: low-rank factors on a given model, trained on a folder of captioned images)."""
 
 import os
 import shutil
@@ -18,10 +19,15 @@ from diffusion_tf.training.checkpoint import (
     checkpoint_path,
     keras_state,
     models_from_checkpoint,
+    read_checkpoint_arrays,
     read_checkpoint_meta,
     stored_history,
 )
+from diffusion_tf.training.data import tokenize
+from diffusion_tf.training.imagefolder import load_images, scan_folder
+from diffusion_tf.training.lora import LoraNetwork, LoraTrainer, kohya_metadata, lora_targets, write_lora_file
 from diffusion_tf.training.options import GENERATION_DEFAULTS, PRESETS, scheduler_config
+from diffusion_tf.training.plan import base_folder, model_digest
 from diffusion_tf.training.refine import image_to_image_latents
 from diffusion_tf.training.session import EVAL_SEED_OFFSET, REFINE_SEED_OFFSET, Session
 from diffusion_tf.training.trainers import DecoderTrainer, DiffusionTrainer, VAETrainer
@@ -164,6 +170,91 @@ class Stages(Session):
             trainer = DecoderTrainer(vae, seed=self.o.seed, ema_decay=self.o.ema_decay)
         self.fit_stage("refine", trainer, (mixed[n_val:], images[n_val:]), (latents[:n_val], images[:n_val]),
                   resume=action == "resume")
+
+    def lora_path(self):
+        """Where the LoRA file goes: FOLDER/<FOLDER's name>.safetensors (its stem is the name a
+        `<lora:NAME:SCALE>` prompt tag uses)."""
+        name = os.path.basename(os.path.normpath(os.path.abspath(self.save))) or "lora"
+        return os.path.join(self.save, f"{name}.safetensors")
+
+    def train_lora(self):
+        """The LoRA stage: factors on the base model's attention projections (`training.lora`),
+        trained with the UNet stage's loss on the data folder's latents (posterior mean x the
+        base VAE's scaling factor, encoded once), the base networks frozen. Writes the kohya
+        `.safetensors` of the EMA factors (`lora_path`); returns its path."""
+        from diffusion_tf import schedulers
+        from diffusion_tf.components import load_folder
+
+        action = self.actions["lora"]
+        path = checkpoint_path(self.save, "lora")
+        folder = base_folder(self.o.base)
+        data = scan_folder(self.o.data)
+        digest = model_digest(folder)
+        with self.strategy.scope():
+            parts = load_folder(folder)
+        config = parts["config"]
+        self.configs = {k: config[k] for k in ("vae", "text_encoder", "unet")}
+        self.tokenizer = parts["tokenizer"]
+        unet, text_encoder, vae = parts["unet"], parts["text_encoder"], parts["vae"]
+        prediction = config["scheduler"].get("prediction_type", "epsilon")
+        size = unet.sample_size * vae.downsampling_factor
+        self.extra_meta["lora"] = {"prediction": prediction, "data_digest": data.digest, "base_digest": digest,
+                                   "base_folder": os.path.abspath(folder), "images": len(data.items),
+                                   "rows": int(len(data.rows)), "resolution": size}
+        if action == "done":
+            self.histories["lora"] = stored_history(path)
+            self.log(f"[lora] already trained for {read_checkpoint_meta(path)['epoch']} epochs "
+                     f"(epochs={self.o.epochs}): writing {self.lora_path()} from {path}")
+            network = self._lora_network(unet, text_encoder)
+            values = read_checkpoint_arrays(path, "ema/lora")
+            assign_state(network, values, f"{path} [ema/lora]")
+            return self._write_lora(network, None, data, folder, digest, size, prediction)
+        t0 = time.time()
+        images = load_images(data, size)
+        scaling = float(vae.scaling_factor)
+        latents = self.encode_images(vae, images) * np.float32(scaling)
+        captions = [item.caption for item in data.items]
+        ids = tokenize(self.tokenizer, captions)
+        self.log(f"[lora] {len(data.items)} images ({len(data.rows)} rows with repeats) from {data.folder}, "
+                 f"{size}x{size}, encoded to latents {latents.shape[1:]} in {time.time() - t0:.1f}s"
+                 + (f"; skipped subfolders (not N_name): {', '.join(data.skipped)}" if data.skipped else ""))
+        batch = self.o.batch_size
+        rng = self.val_rng("lora")
+        fixed = np.arange(batch) % len(data.items)  # a fixed batch of the training images
+        val_t = rng.integers(0, int(config["scheduler"]["num_train_timesteps"]), batch).astype(np.int32)
+        val_noise = rng.standard_normal((batch,) + latents.shape[1:], np.float32)
+        noise_schedule = schedulers.get("ddpm", **config["scheduler"])
+        uncond = np.asarray(self.tokenizer([""]), np.int32)[0]
+        with self.strategy.scope():
+            network = self._lora_network(unet, text_encoder)
+            trainer = LoraTrainer(network, unet, text_encoder, noise_schedule, uncond, prediction_type=prediction,
+                                  cfg_drop=self.o.cfg_drop, seed=self.o.seed, ema_decay=self.o.ema_decay)
+        self.log(f"[lora] rank {network.rank}, alpha {network.alpha:g} on {len(network.targets)} layers of "
+                 f"{folder} ({sum(int(np.prod(v.shape)) for v in network.trainable_variables)} parameters)")
+        try:
+            self.fit_stage("lora", trainer, (latents, ids), ((latents[fixed], ids[fixed]), (val_t, val_noise)),
+                           resume=action == "resume", rows=data.rows)
+        finally:
+            trainer.detach()
+        self.log(f"[lora] checkpoint: {path}")
+        return self._write_lora(network, trainer.ema.average_of, data, folder, digest, size, prediction)
+
+    def _lora_network(self, unet, text_encoder):
+        targets = lora_targets({"unet": unet, "text_encoder": text_encoder}, ff=self.o.lora_ff,
+                               conv=self.o.lora_conv, text_encoder=self.o.lora_text_encoder)
+        return LoraNetwork(targets, self.o.rank, self.o.alpha, seed=self.o.seed)
+
+    def _write_lora(self, network, values, data, folder, digest, size, prediction):
+        """The kohya file of the factors (`values`: the EMA, or None: the network's own values)."""
+        out = self.lora_path()
+        steps = self.o.epochs * self.o.steps
+        name = os.path.basename(os.path.normpath(str(self.o.base))) if os.path.isdir(str(self.o.base)) else self.o.base
+        metadata = kohya_metadata(network, self.o, data, name, digest, size, steps, self.o.epochs, prediction,
+                                  os.path.splitext(os.path.basename(out))[0])
+        sha = write_lora_file(out, network.tensors(values), metadata, dtype=self.o.weights_dtype)
+        self.log(f"[lora] wrote {out} ({os.path.getsize(out) / 1e3:.1f} kB, {self.o.weights_dtype}; "
+                 f"hash {sha[:12]})")
+        return out
 
     def _unet_trainer(self):
         from diffusion_tf.schedulers.scheduler import Scheduler

@@ -233,11 +233,15 @@ class DiffusionTrainer(_Trainer):
     `high_noise_steps`, `high_noise_t_min`: the first `high_noise_steps` optimizer steps draw
     t ~ U{high_noise_t_min..T-1} and never drop the caption (the position phase of
     `TrainingRun`: at high noise the caption is all the UNet has to place the shape by).
+    `trained`: the models whose variables are trained, averaged and checkpointed (default the
+    UNet and the text encoder; `LoraTrainer` passes its LoRA factors).
     """
 
     def __init__(self, unet, text_encoder, noise_schedule, uncond_ids, prediction_type="epsilon",
-                 cfg_drop=0.1, seed=0, ema_decay=0.999, high_noise_steps=0, high_noise_t_min=0, **kwargs):
-        super().__init__({"unet": unet, "text_encoder": text_encoder}, seed, ema_decay, **kwargs)
+                 cfg_drop=0.1, seed=0, ema_decay=0.999, high_noise_steps=0, high_noise_t_min=0, trained=None,
+                 **kwargs):
+        models = {"unet": unet, "text_encoder": text_encoder} if trained is None else trained
+        super().__init__(models, seed, ema_decay, **kwargs)
         check_choice("prediction_type", prediction_type, PREDICTIONS)
         self.high_noise_steps = check_int("high_noise_steps", high_noise_steps, 0)
         self.high_noise_t_min = check_int("high_noise_t_min", high_noise_t_min, 0,

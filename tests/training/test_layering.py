@@ -13,8 +13,8 @@ from support.import_graph import import_graph
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # diffusion_tf.training's modules, lowest first: each may import only those before it.
-TRAINING_ORDER = ("files", "options", "checkpoint", "plan", "data", "trainers", "pictures", "vae", "refine",
-                  "session", "stages", "run", "cli")
+TRAINING_ORDER = ("files", "options", "imagefolder", "checkpoint", "plan", "data", "trainers", "lora", "pictures",
+                  "vae", "refine", "session", "stages", "run", "cli")
 
 
 def _import_graph():
@@ -138,7 +138,7 @@ def test_both_command_lines_still_run():
 
     expected = build_parser().format_help()
     flags = ["--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainOptions) if f.name != "gif_guidance"]
-    assert len(flags) == 44 and all(flag in expected for flag in flags)
+    assert len(flags) == 51 and all(flag in expected for flag in flags)
     for argv in (["-m", "diffusion_tf.train", "--help"], [os.path.join(ROOT, "train.py"), "--help"]):
         proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
                               env=dict(os.environ, COLUMNS="80"))
