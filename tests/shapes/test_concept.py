@@ -189,3 +189,23 @@ def test_lora_argument():
 def test_shapes_package_exports_the_extra_shapes():
     assert shapes.EXTRA_SHAPES == ("cross",) and shapes.ALL_SHAPES == D.ALL_SHAPES
     assert shapes.check_shapes is D.check_shapes
+
+
+def test_folder_writer_base_images_from_a_model(monkeypatch, tmp_path):
+    """--base-from MODEL: the old-grammar images are the model's pictures of their captions."""
+    from diffusion_tf.shapes import generate
+    from diffusion_tf.shapes.folder import write_folder
+    from diffusion_tf.training.imagefolder import scan_folder
+
+    calls = []
+
+    def fake(prompts, model=None, seed=0, **kwargs):
+        calls.append((list(prompts), model, seed))
+        return np.stack([D.render(D.Spec("red", "circle", None, "blue", False, 20, 32, 32)) for _ in prompts])
+
+    monkeypatch.setattr(generate, "generate_images", fake)
+    assert write_folder(str(tmp_path / "d"), n=2, seed=4, base_images=3, base_from="shapes", log=None) == {
+        "1_cross": 2, "1_shapes": 3}
+    assert calls == [(D.sample_prompts(3, 5), "shapes", 5)]
+    scanned = scan_folder(str(tmp_path / "d"))
+    assert [i.caption for i in scanned.items if i.subset == "1_shapes"] == D.sample_prompts(3, 5)
