@@ -282,9 +282,9 @@ class Session:
         titles = {"vae": "VAE: L1 + KL", "decoder": "VAE decoder fine-tuning: L1",
                   "refine": "VAE decoder on the UNet's image-to-image latents: L1",
                   "unet": f"UNet + text encoder: MSE ({self.o.prediction})",
-                  "lora": f"LoRA (rank {self.o.rank}) on {os.path.basename(str(self.o.base))}: MSE "
-                          f"({self.extra_meta.get('lora', {}).get('prediction', '')}; orange: a fixed batch "
-                          "of the training images)"}
+                  # its orange dots: a fixed batch of the training images (a LoRA folder has no held-out part)
+                  "lora": f"LoRA (rank {self.o.rank}) on {os.path.basename(str(self.o.base))[:16]}: MSE "
+                          f"({self.extra_meta.get('lora', {}).get('prediction', '')})"}
         panels = []
         for stage in ORDER + ("lora",):
             h = self.histories.get(stage)
