@@ -17,6 +17,7 @@ they stay valid after the file is closed or deleted.  BF16 becomes float32.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -27,7 +28,7 @@ import numpy as np
 from .ckpt_reader import _short
 from .errors import CheckpointError
 
-__all__ = ["read_safetensors", "read_safetensors_metadata", "MAX_HEADER_BYTES", "DTYPES"]
+__all__ = ["read_safetensors", "read_safetensors_metadata", "read_safetensors_with_digest", "MAX_HEADER_BYTES", "DTYPES"]
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _MAX_NDIM = 32  # numpy 1.x limit; real checkpoints have <= 5
@@ -140,28 +141,44 @@ def read_safetensors_metadata(path) -> dict[str, dict]:
     return _parse(path)[0]
 
 
-def read_safetensors(path) -> dict[str, np.ndarray]:
-    """All tensors of a .safetensors file as ``{name: np.ndarray}`` (copies, native byte order)."""
-    infos, _, start, buf_len = _parse(path)
+def _decode(infos, data):
+    """{name: array} of the parsed header's tensors from the buffer `data` (a memory map or None)."""
     out = {}
+    for name, info in infos.items():
+        begin, end = info["data_offsets"]
+        disk = np.dtype(DTYPES[info["dtype"]])
+        if begin == end:
+            arr = np.empty(info["shape"], disk)
+        else:
+            arr = np.asarray(data[begin:end]).view(disk).reshape(info["shape"]).copy()
+        if info["dtype"] == "BF16":  # (in place: a ufunc would turn a 0-d array into a scalar)
+            arr = arr.astype(np.uint32)
+            arr <<= 16
+            arr = arr.view(np.float32)
+        elif info["dtype"] == "BOOL":
+            arr = arr.astype(bool)
+        else:
+            arr = arr.astype(disk.newbyteorder("="), copy=False)
+        out[name] = arr
+    return out
+
+
+def _read(path, digest):
+    infos, meta, start, buf_len = _parse(path)
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(buf_len,)) if buf_len else None
     try:
-        for name, info in infos.items():
-            begin, end = info["data_offsets"]
-            disk = np.dtype(DTYPES[info["dtype"]])
-            if begin == end:
-                arr = np.empty(info["shape"], disk)
-            else:
-                arr = np.asarray(data[begin:end]).view(disk).reshape(info["shape"]).copy()
-            if info["dtype"] == "BF16":  # (in place: a ufunc would turn a 0-d array into a scalar)
-                arr = arr.astype(np.uint32)
-                arr <<= 16
-                arr = arr.view(np.float32)
-            elif info["dtype"] == "BOOL":
-                arr = arr.astype(bool)
-            else:
-                arr = arr.astype(disk.newbyteorder("="), copy=False)
-            out[name] = arr
+        sha = hashlib.sha256(memoryview(data) if data is not None else b"").hexdigest() if digest else None
+        return _decode(infos, data), dict(meta or {}), sha
     finally:
         del data
-    return out
+
+
+def read_safetensors(path) -> dict[str, np.ndarray]:
+    """All tensors of a .safetensors file as ``{name: np.ndarray}`` (copies, native byte order)."""
+    return _read(path, digest=False)[0]
+
+
+def read_safetensors_with_digest(path):
+    """(tensors, the header's ``__metadata__`` {str: str}, sha256 hex of the byte buffer after the
+    header), reading the file once (the digest is A1111's "addnet" hash of a LoRA)."""
+    return _read(path, digest=True)

@@ -92,40 +92,11 @@ def _listed(keys):
 
 
 # ----------------------------------------------------------------------------- reading
-def _read_safetensors(path):
-    """(tensors, metadata, sha256 of the data after the header), reading the file once."""
-    from weights_port.safetensors_reader import DTYPES, _parse
-
-    infos, meta, start, buf_len = _parse(path)
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(buf_len,)) if buf_len else None
-    try:
-        digest = hashlib.sha256(memoryview(data) if data is not None else b"").hexdigest()
-        tensors = {}
-        for name, info in infos.items():
-            begin, end = info["data_offsets"]
-            disk = np.dtype(DTYPES[info["dtype"]])
-            if begin == end:
-                arr = np.zeros(info["shape"], disk)
-            else:
-                arr = np.asarray(data[begin:end]).view(disk).reshape(info["shape"]).copy()
-            if info["dtype"] == "BF16":
-                arr = arr.astype(np.uint32)
-                arr <<= 16
-                arr = arr.view(np.float32)
-            elif info["dtype"] == "BOOL":
-                arr = arr.astype(bool)
-            else:
-                arr = arr.astype(disk.newbyteorder("="), copy=False)
-            tensors[name] = arr
-    finally:
-        del data
-    return tensors, dict(meta or {}), digest
-
-
 def read_file(path):
     """(tensors {key: array}, metadata {str: str}, sha256) of a LoRA file; LoraError if it cannot be read."""
     from weights_port.ckpt_reader import read_ckpt
     from weights_port.errors import CheckpointError
+    from weights_port.safetensors_reader import read_safetensors_with_digest
 
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
@@ -137,7 +108,7 @@ def read_file(path):
                         f"{', '.join(EXTENSIONS)}.")
     try:
         if ext == ".safetensors":
-            return _read_safetensors(path)
+            return read_safetensors_with_digest(path)
         with open(path, "rb") as f:
             digest = hashlib.sha256()
             for chunk in iter(lambda: f.read(1 << 20), b""):

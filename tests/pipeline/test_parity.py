@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 from support import tiny_models
+from support.parity import assert_close
 
 # Module-scoped fixtures are built once: under `-n 2` every test of this file goes to one worker.
 pytestmark = pytest.mark.xdist_group("parity")
 
 SOURCES = ("diffusers", "safetensors", "ckpt")
-TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +48,6 @@ def pipelines(converted):
     from diffusion_tf import Text2Image
 
     return {key: Text2Image(model=folder, img_height=64, img_width=64) for key, folder in converted.items()}
-
-
-def assert_close(actual, expected, what):
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    scale = max(1.0, float(np.abs(expected).max()))
-    err = float(np.abs(actual - expected).max()) / scale
-    assert err <= TOL, f"{what}: max error {err:.2e} (relative to scale {scale:.2f}) > {TOL}"
 
 
 CASES = [(name, source) for name in tiny_models.NAMES for source in SOURCES]

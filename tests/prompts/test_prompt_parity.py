@@ -7,17 +7,9 @@ import numpy as np
 import pytest
 
 from support import tiny_models
+from support.parity import assert_close
 
 pytestmark = pytest.mark.xdist_group("tiny-sd1")
-TOL = 1e-4
-
-
-def assert_close(actual, expected, what):
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    scale = max(1.0, float(np.abs(expected).max()))
-    err = float(np.abs(actual - expected).max()) / scale
-    assert err <= TOL, f"{what}: max error {err:.2e} > {TOL}"
 
 
 @pytest.fixture(scope="module")
