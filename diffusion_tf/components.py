@@ -4,15 +4,17 @@ import os
 
 from diffusion_tf import runtime
 from diffusion_tf.clip_tokenizer import CLIPTokenizer
-from diffusion_tf.model_folder import read_config, weights_path
+from diffusion_tf.model_folder import components, read_config, weights_path
 from diffusion_tf.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 from diffusion_tf.state_dict import load_weights
 
 BUILDERS = {
     "text_encoder": CLIPTextModel,
+    "text_encoder_2": CLIPTextModel,  # with its projection (SDXL's OpenCLIP bigG)
     "unet": UNet2DConditionModel,
     "vae": AutoencoderKL,
 }
+_BUILD_ARGS = {"text_encoder_2": {"with_projection": True}}
 
 
 def build_model(component, config, dtype=None, **overrides):
@@ -22,19 +24,19 @@ def build_model(component, config, dtype=None, **overrides):
     kwargs = dict(overrides, name=component)
     if dtype is not None:
         kwargs["dtype"] = dtype
-    model = BUILDERS[component].from_config(config, **kwargs)
+    model = BUILDERS[component].from_config(config, **_BUILD_ARGS.get(component, {}), **kwargs)
     model.build_weights()
     return model
 
 
-def load_tokenizer(folder, config):
-    """The CLIPTokenizer of a model folder, from its config's "tokenizer" settings.
+def load_tokenizer(folder, config, section="tokenizer"):
+    """The CLIPTokenizer of a model folder, from its config's "tokenizer" (or "tokenizer_2") settings.
 
     Keys: "context_length" (77), "pad_token_id" (49407) and "pad_token_in_prompt": "special" (the default:
     the pad token's text in a prompt becomes the pad id, as in transformers/diffusers) or "text" (ordinary
     BPE, as open_clip); see CLIPTokenizer.
     """
-    tok = config.get("tokenizer", {})
+    tok = config.get(section, {})
     kwargs = {
         "context_length": tok.get("context_length", 77),
         "pad_token_id": tok.get("pad_token_id", 49407),
@@ -43,10 +45,10 @@ def load_tokenizer(folder, config):
     allowed = CLIPTokenizer.PAD_TOKEN_IN_PROMPT
     if kwargs["pad_token_in_prompt"] not in allowed:  # checked here: the files' error handling below would hide it
         raise ValueError(
-            f"config.json of {folder!r}: tokenizer.pad_token_in_prompt must be one of "
+            f"config.json of {folder!r}: {section}.pad_token_in_prompt must be one of "
             f"{', '.join(map(repr, allowed))}, got {kwargs['pad_token_in_prompt']!r}."
         )
-    files = os.path.join(folder, "tokenizer")
+    files = os.path.join(folder, section)
     if not os.path.isfile(os.path.join(files, "vocab.json")):
         return CLIPTokenizer(**kwargs)
     try:
@@ -59,7 +61,8 @@ def load_tokenizer(folder, config):
 
 
 def load_folder(folder, attention=None, dtype=None):
-    """{"config", "tokenizer", "text_encoder", "unet", "vae"} of a model folder, ready for use.
+    """{"config", "tokenizer", "text_encoder", "unet", "vae"} of a model folder, ready for use
+    (SDXL: also "tokenizer_2" and "text_encoder_2"; the refiner has only those two of them).
 
     `attention`: "standard" or "linear" for the UNet's self-attention; None keeps the
     folder's own (its unet config's "attention", standard when absent). The runtime's heap
@@ -67,8 +70,11 @@ def load_folder(folder, attention=None, dtype=None):
     freed while loading are not kept resident.
     """
     config = read_config(folder)
-    out = {"config": config, "tokenizer": load_tokenizer(folder, config)}
-    for component in BUILDERS:
+    out = {"config": config}
+    for section in ("tokenizer", "tokenizer_2"):
+        if section in config:
+            out[section] = load_tokenizer(folder, config, section)
+    for component in components(config):
         overrides = {"attention": attention} if component == "unet" and attention is not None else {}
         model = build_model(component, config[component], dtype, **overrides)
         load_weights(model, weights_path(folder, component))

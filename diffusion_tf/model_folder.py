@@ -7,6 +7,11 @@
     FOLDER/vae.weights.h5
     FOLDER/tokenizer/              optional vocab.json + merges.txt (else the built-in CLIP BPE)
 
+SDXL folders add "text_encoder_2" (with its text_encoder_2.weights.h5), "tokenizer_2" (and an
+optional tokenizer_2/ folder) and "pipeline" ({"force_zeros_for_empty_prompt",
+"requires_aesthetics_score"}, diffusers' model_index.json flags); the refiner has only the second
+encoder (no "text_encoder" / "tokenizer"), as its diffusers folder.
+
 A folder is written to a temporary sibling and renamed into place, so a failed or
 interrupted write never leaves a partial folder at the destination.
 """
@@ -18,7 +23,23 @@ import shutil
 import tempfile
 
 FORMAT = "diffusion_tf.model.v1"
-COMPONENTS = ("text_encoder", "unet", "vae")
+COMPONENTS = ("text_encoder", "unet", "vae")  # every folder of SD 1.x/2.x
+ALL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")
+TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+PIPELINE_FLAGS = {"force_zeros_for_empty_prompt": False, "requires_aesthetics_score": False}
+
+
+def components(config):
+    """The networks of a folder's config, in ALL_COMPONENTS order (unet, vae and one text encoder
+    or two)."""
+    return tuple(c for c in ALL_COMPONENTS if isinstance(config.get(c), dict))
+
+
+def pipeline_flags(config):
+    """The folder's pipeline flags, defaults filled in (SDXL's model_index.json values)."""
+    flags = dict(PIPELINE_FLAGS)
+    flags.update(config.get("pipeline") or {})
+    return flags
 
 
 def weights_path(folder, component):
@@ -42,10 +63,20 @@ def read_config(folder):
         raise ValueError(f"{path!r} is not valid JSON: {e}") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ValueError(f"{path!r} is not a {FORMAT} config.")
-    for key in COMPONENTS + ("scheduler", "tokenizer"):
+    present = components(config)
+    encoders = [c for c in present if c in TOKENIZERS]
+    if not encoders:
+        raise ValueError(f"{path!r} lacks the 'text_encoder' section.")
+    required = ("unet", "vae", "scheduler") + tuple(TOKENIZERS[c] for c in encoders)
+    for key in required:
         if not isinstance(config.get(key), dict):
             raise ValueError(f"{path!r} lacks the {key!r} section.")
-    for component in COMPONENTS:
+    pipeline = config.get("pipeline", {})
+    if not isinstance(pipeline, dict) or set(pipeline) - set(PIPELINE_FLAGS) or not all(
+            isinstance(v, bool) for v in pipeline.values()):
+        raise ValueError(f"{path!r}: pipeline={pipeline!r}; must be an object of booleans among "
+                         f"{sorted(PIPELINE_FLAGS)}.")
+    for component in present:
         if not os.path.isfile(weights_path(folder, component)):
             raise ValueError(
                 f"model folder {folder!r} is missing {component}.weights.h5 "
@@ -57,7 +88,8 @@ def read_config(folder):
 def write_folder(dst, config, models, dtype=None, tokenizer_files=None, overwrite=False, progress=None):
     """Write `config` and the `models` {component: keras model} to `dst` atomically.
 
-    `tokenizer_files`: a folder with vocab.json and merges.txt to copy, or None.
+    `tokenizer_files`: a folder with vocab.json and merges.txt to copy, or None; or a dict
+    {"tokenizer": folder, "tokenizer_2": folder} (SDXL).
     `progress(component, done, total)`, if given, is called after each tensor is written.
     """
     from diffusion_tf.state_dict import save_weights
@@ -72,10 +104,14 @@ def write_folder(dst, config, models, dtype=None, tokenizer_files=None, overwrit
         for component, model in models.items():
             step = None if progress is None else functools.partial(progress, component)
             save_weights(model, weights_path(tmp, component), dtype=dtype, progress=step)
-        if tokenizer_files:
-            os.makedirs(os.path.join(tmp, "tokenizer"))
+        if tokenizer_files and not isinstance(tokenizer_files, dict):
+            tokenizer_files = {"tokenizer": tokenizer_files}
+        for sub, source in (tokenizer_files or {}).items():
+            if not source:
+                continue
+            os.makedirs(os.path.join(tmp, sub))
             for name in ("vocab.json", "merges.txt"):
-                shutil.copyfile(os.path.join(tokenizer_files, name), os.path.join(tmp, "tokenizer", name))
+                shutil.copyfile(os.path.join(source, name), os.path.join(tmp, sub, name))
         config = dict(config, format=FORMAT)
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)

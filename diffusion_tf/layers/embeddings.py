@@ -21,20 +21,37 @@ def timestep_features(timesteps, dim, flip_sin_to_cos=True, freq_shift=0.0, max_
 
 
 class TimestepEmbedding(Layer):
-    """linear_1 -> SiLU -> linear_2."""
+    """linear_1 -> SiLU -> linear_2 (diffusers' `TimestepEmbedding`).
 
-    def __init__(self, time_embed_dim, **kwargs):
+    `cond_proj_dim` (distilled UNets' `time_cond_proj_dim`): a bias-free `cond_proj` maps an extra
+    condition (a guidance-scale embedding) to the input width and adds it before linear_1; its
+    width is `in_channels` (the input's, required then)."""
+
+    def __init__(self, time_embed_dim, cond_proj_dim=None, in_channels=None, **kwargs):
         super().__init__(**kwargs)
+        if cond_proj_dim is not None and in_channels is None:
+            raise ValueError("TimestepEmbedding: cond_proj_dim needs in_channels (the input width).")
         # === Layers ===
+        self.cond_proj = (None if cond_proj_dim is None
+                          else dense(in_channels, "cond_proj", self.dtype_policy, use_bias=False))
         self.linear_1 = dense(time_embed_dim, "linear_1", self.dtype_policy)
         self.linear_2 = dense(time_embed_dim, "linear_2", self.dtype_policy)
         # === Config ===
         self.time_embed_dim = time_embed_dim
+        self.cond_proj_dim = cond_proj_dim
+        self.in_channels = in_channels
 
-    def call(self, x):
+    def call(self, x, condition=None):
+        if self.cond_proj is not None:
+            if condition is None:
+                raise ValueError(
+                    f"this UNet embeds a condition of width {self.cond_proj_dim} with the timestep "
+                    "(time_cond_proj_dim: a guidance-distilled model); pass timestep_cond.")
+            x = x + self.cond_proj(ops.cast(condition, x.dtype))
         return self.linear_2(silu(self.linear_1(x)))
 
     def get_config(self):
         config = super().get_config()
-        config.update({"time_embed_dim": self.time_embed_dim})
+        config.update({"time_embed_dim": self.time_embed_dim, "cond_proj_dim": self.cond_proj_dim,
+                       "in_channels": self.in_channels})
         return config

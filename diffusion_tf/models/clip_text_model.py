@@ -96,6 +96,14 @@ class CLIPTextModel(Model):
     Arguments are the fields of transformers' `CLIPTextConfig`. SD 1.x uses 12
     layers with quick_gelu; SD 2.x's OpenCLIP ViT-H text tower is stored with 23
     of its 24 layers (it conditions on the penultimate layer) and gelu.
+
+    `projection_dim` (an int) makes it transformers' `CLIPTextModelWithProjection` (SDXL's
+    second encoder, OpenCLIP bigG): `text_projection` (no bias) maps the final-normed hidden
+    state at the end-of-text token to the pooled embedding, `call(..., pooled=True)`. Where that
+    token is follows transformers: `eos_token_id == 2` (the configs written before transformers
+    fixed it, SDXL's among them) takes the position of the largest id, else the first position of
+    `eos_token_id`. `from_config` keeps a config's `projection_dim` only with
+    `with_projection=True` (every transformers CLIP config has one, used or not).
     """
 
     def __init__(
@@ -108,6 +116,8 @@ class CLIPTextModel(Model):
         max_position_embeddings=77,
         hidden_act="quick_gelu",
         layer_norm_eps=1e-5,
+        projection_dim=None,
+        eos_token_id=2,
         **kwargs,
     ):
         get_activation(hidden_act)
@@ -133,6 +143,8 @@ class CLIPTextModel(Model):
             for i in range(num_hidden_layers)
         ]
         tm.final_layer_norm = layer_norm(layer_norm_eps, "final_layer_norm", policy)
+        self.text_projection = (None if projection_dim is None
+                                else dense(projection_dim, "text_projection", policy, use_bias=False))
 
         # === Config ===
         self.vocab_size = vocab_size
@@ -143,24 +155,50 @@ class CLIPTextModel(Model):
         self.max_position_embeddings = max_position_embeddings
         self.hidden_act = hidden_act
         self.layer_norm_eps = layer_norm_eps
+        self.projection_dim = projection_dim
+        self.eos_token_id = eos_token_id
 
     @classmethod
-    def from_config(cls, config, **overrides):
+    def from_config(cls, config, with_projection=False, **overrides):
+        config = dict(config)
+        if not with_projection:
+            config.pop("projection_dim", None)
+        elif not config.get("projection_dim"):
+            raise ValueError(f"a CLIPTextModelWithProjection config needs projection_dim; got {config.get('projection_dim')!r}.")
         return from_config(cls, config, **overrides)
 
-    def call(self, token_ids, extra_embeddings=None, clip_skip=0):
+    def call(self, token_ids, extra_embeddings=None, clip_skip=0, final_norm=True, pooled=False):
         """`extra_embeddings` [E, hidden_size]: the vectors of ids vocab_size .. vocab_size + E - 1
         (textual-inversion tokens; the checkpoint's table stays as it is). `clip_skip`: condition
         on the output of layer n - clip_skip, through the final layer norm, as diffusers' clip_skip
-        (0: the last layer; 1: the penultimate, A1111's "Clip skip: 2")."""
+        (0: the last layer; 1: the penultimate, A1111's "Clip skip: 2"). `final_norm=False`: that
+        layer's output as it is (transformers' `hidden_states[-(clip_skip + 1)]`, what SDXL
+        conditions on). `pooled=True` (a model with `projection_dim`): returns (hidden, pooled
+        [B, projection_dim]), the pooled one always from the last layer."""
         tm = self.text_model
         n = token_ids.shape[1]
         positions = ops.arange(n)[None, :]
         x = self._token_embeddings(token_ids, extra_embeddings) + tm.embeddings.position_embedding(positions)
         causal = ops.triu(ops.full((n, n), -1e9, dtype="float32"), k=1)[None, None]
-        for layer in tm.encoder.layers[: len(tm.encoder.layers) - clip_skip]:
+        layers = tm.encoder.layers
+        keep = len(layers) - clip_skip
+        hidden = x
+        for i, layer in enumerate(layers[: len(layers) if pooled else keep]):
             x = layer(x, causal)
-        return tm.final_layer_norm(x)
+            if i == keep - 1:
+                hidden = x
+        out = tm.final_layer_norm(hidden) if final_norm else hidden
+        if not pooled:
+            return out
+        if self.text_projection is None:
+            raise ValueError("pooled=True needs a text encoder with a projection (projection_dim).")
+        last = tm.final_layer_norm(x)
+        ids = ops.cast(token_ids, "int32")
+        where = ops.argmax(ids if self.eos_token_id == 2 else ops.cast(ops.equal(ids, self.eos_token_id), "int32"),
+                           axis=-1)
+        pick = ops.one_hot(where, n, dtype=last.dtype)[..., None]  # an exact gather: x * 1 plus zeros
+        end = ops.sum(last * pick, axis=1)
+        return out, self.text_projection(end)
 
     def _token_embeddings(self, token_ids, extra):
         table = self.text_model.embeddings.token_embedding
@@ -174,7 +212,7 @@ class CLIPTextModel(Model):
         return ops.where(added[..., None], rows, own)
 
     def build_weights(self):
-        self(ops.zeros((1, self.max_position_embeddings), dtype="int32"))
+        self(ops.zeros((1, self.max_position_embeddings), dtype="int32"), pooled=self.text_projection is not None)
 
     def get_config(self):
         config = super().get_config()
@@ -188,6 +226,8 @@ class CLIPTextModel(Model):
                 "max_position_embeddings": self.max_position_embeddings,
                 "hidden_act": self.hidden_act,
                 "layer_norm_eps": self.layer_norm_eps,
+                "projection_dim": self.projection_dim,
+                "eos_token_id": self.eos_token_id,
             }
         )
         return config

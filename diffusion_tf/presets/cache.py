@@ -12,12 +12,15 @@ from diffusion_tf import runtime
 from diffusion_tf.presets import registry
 
 # The files that make a model folder complete (see diffusion_tf/model_folder.py).
-_MODEL_FILES = ("config.json", "text_encoder.weights.h5", "unet.weights.h5", "vae.weights.h5")
+_MODEL_FILES = ("config.json", "unet.weights.h5", "vae.weights.h5")
 _BUILTIN_FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "shapes_model")
 
 
 def _complete(folder):
-    return all(os.path.isfile(os.path.join(folder, f)) for f in _MODEL_FILES)
+    """config.json, the UNet and VAE and at least one text encoder (the SDXL refiner has only
+    text_encoder_2)."""
+    has = lambda f: os.path.isfile(os.path.join(folder, f))  # noqa: E731
+    return all(has(f) for f in _MODEL_FILES) and (has("text_encoder.weights.h5") or has("text_encoder_2.weights.h5"))
 
 
 def builtin_folder():
