@@ -114,7 +114,7 @@ class Generator:
         return {
             "steps": pipe.defaults["num_steps"], "guidance": pipe.defaults["guidance"],
             "scheduler": pipe.scheduler.name, "width": pipe.img_width, "height": pipe.img_height,
-            "text_layers": pipe.text_encoder.num_hidden_layers,
+            "text_layers": pipe.text_layers,
         }
 
     def lora_folder(self):

@@ -524,7 +524,7 @@ def load_networks(t2i, args, request):
     """Merge the --lora files, add the --embedding tokens and check --clip-skip against the
     model; None, or the message (naming the option) of the first that fails."""
     if request.clip_skip:
-        layers = t2i.text_encoder.num_hidden_layers
+        layers = t2i.text_layers
         if request.clip_skip >= layers:
             return (f"--clip-skip {request.clip_skip}: must be 0 to {layers - 1} for this model's {layers}-layer "
                     f"text encoder (diffusers' numbering: 1 = A1111's Clip skip 2)")

@@ -170,6 +170,14 @@ class CLIPTokenizer:
         parts = self._special.split(_clean(text))
         return {p for p in parts[1::2] if p in self.added_tokens}
 
+    def remove_last_added(self, count):
+        """Forget the `count` tokens added last (undoing one `add_tokens` call)."""
+        for i in sorted(self.added_tokens.values())[len(self.added_tokens) - count:]:
+            clean = self.decoder.pop(i)
+            del self.added_tokens[clean]
+            self._expansions.pop(i, None)
+        self._compile_special()
+
     def remove_added_tokens(self):
         """Forget every added token (the vocabulary is as loaded)."""
         for clean, i in self.added_tokens.items():

@@ -65,6 +65,27 @@ def _number_rule(minimum, maximum=None):
     return check, allowed, float
 
 
+def _open_unit_rule():
+    def check(value):
+        return _is_number(value) and 0.0 < float(value) < 1.0
+
+    return check, "a number strictly between 0 and 1 (the share of the schedule)", float
+
+
+MAX_CONDITIONING_SIZE = 16384
+
+
+def _pair_rule(minimum, what):
+    """(height, width)-like pairs of integers in [minimum, MAX_CONDITIONING_SIZE]."""
+    allowed = f"a pair of integers ({what}) between {minimum} and {MAX_CONDITIONING_SIZE}"
+
+    def check(value):
+        return (isinstance(value, (list, tuple)) and len(value) == 2
+                and all(_is_int(v) and minimum <= v <= MAX_CONDITIONING_SIZE for v in value))
+
+    return check, allowed, lambda v: tuple(int(x) for x in v)
+
+
 def _multiple_of_8(value):
     return _is_int(value) and value > 0 and value % 8 == 0
 
@@ -80,8 +101,25 @@ RULES = {
     "height": (_multiple_of_8, "a positive multiple of 8", int),
     "width": (_multiple_of_8, "a positive multiple of 8", int),
     "clip_skip": _int_rule(0),
+    # SDXL's micro-conditioning (diffusers' names and defaults; None: the output size, (0, 0))
+    "original_size": _pair_rule(1, "height, width in pixels"),
+    "target_size": _pair_rule(1, "height, width in pixels"),
+    "crops_coords_top_left": _pair_rule(0, "top, left in pixels"),
+    "negative_original_size": _pair_rule(1, "height, width in pixels"),
+    "negative_target_size": _pair_rule(1, "height, width in pixels"),
+    "negative_crops_coords_top_left": _pair_rule(0, "top, left in pixels"),
+    "aesthetic_score": _number_rule(0, 10),
+    "negative_aesthetic_score": _number_rule(0, 10),
+    "guidance_rescale": _number_rule(0, 1),
+    "denoising_start": _open_unit_rule(),
+    "denoising_end": _open_unit_rule(),
 }
-OPTIONAL = ("num_steps", "seed", "guidance_scale", "height", "width", "clip_skip")  # None: the model's default / random
+MICRO_CONDITIONING = ("original_size", "target_size", "crops_coords_top_left", "negative_original_size",
+                      "negative_target_size", "negative_crops_coords_top_left", "aesthetic_score",
+                      "negative_aesthetic_score")
+OPTIONAL = ("num_steps", "seed", "guidance_scale", "height", "width", "clip_skip", "original_size", "target_size",
+            "crops_coords_top_left", "negative_original_size", "negative_target_size",
+            "negative_crops_coords_top_left", "denoising_start", "denoising_end")  # None: the default / random
 
 
 def check(field, value, name=None):
@@ -98,7 +136,12 @@ def parse(field, text):
     """A command-line or PNG string -> the field's value under its rule (RequestError otherwise)."""
     ok, allowed, convert = RULES[field]
     try:
-        value = int(text.strip(), 10) if convert is int else float(text)
+        if convert is int:
+            value = int(text.strip(), 10)
+        elif convert is float:
+            value = float(text)
+        else:  # a pair: "H,W" or "HxW"
+            value = tuple(int(v.strip(), 10) for v in text.replace("x", ",").split(","))
     except (ValueError, AttributeError):
         raise RequestError(field, text, allowed) from None
     if not ok(value):
@@ -218,6 +261,18 @@ class GenerationRequest:
     paste_back: bool = True
     latents: Any = None
     clip_skip: Optional[int] = None  # diffusers' clip_skip (1 = A1111's "Clip skip: 2"); None: the pipeline's
+    # SDXL (diffusers' StableDiffusionXL*Pipeline arguments and defaults)
+    original_size: Any = None
+    target_size: Any = None
+    crops_coords_top_left: Any = None
+    negative_original_size: Any = None
+    negative_target_size: Any = None
+    negative_crops_coords_top_left: Any = None
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+    guidance_rescale: float = 0.0
+    denoising_start: Optional[float] = None
+    denoising_end: Optional[float] = None
     # Not the pipeline's: how the pipeline was built, recorded in the PNG parameters.
     model: Optional[str] = None
     attention: Optional[str] = None
@@ -239,6 +294,10 @@ class GenerationRequest:
         check_combination(self.init_image, self.mask, self.outpaint, names)
         if self.outpaint is not None:
             self.outpaint = check_outpaint(self.outpaint)
+        if self.denoising_start is not None and self.denoising_end is not None and \
+                self.denoising_start >= self.denoising_end:
+            raise ValueError(f"denoising_start={self.denoising_start!r} >= denoising_end={self.denoising_end!r}; "
+                             "the start must come before the end.")
         return self
 
     def prompts(self):

@@ -9,7 +9,8 @@ all run these functions, eagerly, in a graph or inside one XLA-compiled function
 
 `unet(x, t, context)` is the raw denoising network. `context` holds the unconditional rows
 first, then the conditional ones, when `plan.use_guidance` (one batched UNet call per step
-for both passes). The scheduler is used through its index-based functional core
+for both passes); `plan.added` holds an SDXL UNet's added conditions (pooled text embedding and
+micro-conditioning time ids), rows in the same order. The scheduler is used through its index-based functional core
 (`init_state`, `scale_model_input_at`, `model_timestep`, `step_fn`), so the loop index may
 be a tensor. Editing conditions (`plan.cond`):
   {"extra": [B, h, w, 5]}   mask + masked-image latents, appended to a 9-channel UNet's input;
@@ -32,7 +33,10 @@ class Plan:
     tables as tensors (default: its NumPy tables; pass tensors into a compiled function so
     that another step count reuses it). `guidance`: the classifier-free guidance scale;
     `use_guidance`: whether the unconditional pass runs (a Python bool: it changes the
-    graph). `seed`, `temperature`: the fresh noise of stochastic samplers."""
+    graph). `seed`, `temperature`: the fresh noise of stochastic samplers. `added`: an SDXL
+    UNet's `added_cond` ({"text_embeds", "time_ids"}, unconditional rows first), or None.
+    `guidance_rescale`: diffusers' rescale of the guided output (Lin et al. 2023, eq. 15-16), or
+    None (not in the graph at all)."""
 
     scheduler: Any
     tables: Any = None
@@ -41,6 +45,8 @@ class Plan:
     seed: Any = 0
     temperature: Any = 1.0
     cond: dict = dataclasses.field(default_factory=dict)
+    added: Any = None
+    guidance_rescale: Any = None
 
     def __post_init__(self):
         if self.tables is None:
@@ -57,6 +63,18 @@ def guide(uncond, cond, guidance):
     return uncond + guidance * (cond - uncond)
 
 
+def rescale_guidance(guided, cond, rescale):
+    """diffusers' `rescale_noise_cfg` (Lin et al. 2023, "Common Diffusion Noise Schedules and
+    Sample Steps are Flawed", eq. 15-16): the guided output rescaled to the conditional one's
+    standard deviation (per image), mixed with itself by `rescale`."""
+    axes = tuple(range(1, len(guided.shape)))
+    std_cond = ops.std(cond, axis=axes, keepdims=True)
+    std_guided = ops.std(guided, axis=axes, keepdims=True)
+    # torch.std is the unbiased estimate: the ratio of two is the same either way
+    rescaled = guided * (std_cond / std_guided)
+    return rescale * rescaled + (1.0 - rescale) * guided
+
+
 def model_output(unet, plan, latents, i, context):
     """The guided UNet output at step index `i`, float32: the conditional and unconditional
     passes run as one batch."""
@@ -67,11 +85,15 @@ def model_output(unet, plan, latents, i, context):
     if extra is not None:
         extra = ops.concatenate([extra, extra], axis=0) if plan.use_guidance else extra
         x = ops.concatenate([x, extra], axis=-1)
-    out = ops.cast(unet(x, t, context), "float32")
+    out = unet(x, t, context) if plan.added is None else unet(x, t, context, plan.added)
+    out = ops.cast(out, "float32")
     if not plan.use_guidance:
         return out
     uncond, cond = ops.split(out, 2, axis=0)
-    return guide(uncond, cond, plan.guidance)
+    guided = guide(uncond, cond, plan.guidance)
+    if plan.guidance_rescale is not None:
+        guided = rescale_guidance(guided, cond, plan.guidance_rescale)
+    return guided
 
 
 def step_noise(plan, latents, i):
@@ -104,9 +126,10 @@ def denoise_step(unet, plan, latents, state, i, context):
     return latents, state, out
 
 
-def denoise(unet, plan, latents, context, start=0):
-    """Every step from index `start` (0, or part-way for image-to-image) to the end, as one
-    `ops.fori_loop` carrying (latents, scheduler state); returns the final latents."""
+def denoise(unet, plan, latents, context, start=0, end=None):
+    """Every step from index `start` (0, or part-way for image-to-image) to index `end`
+    (default: the last; earlier for SDXL's `denoising_end`), as one `ops.fori_loop` carrying
+    (latents, scheduler state); returns the final latents."""
 
     def body(i, carry):
         x, state = carry
@@ -114,5 +137,5 @@ def denoise(unet, plan, latents, context, start=0):
         return x, state
 
     state = plan.scheduler.init_state(latents)
-    latents, _ = ops.fori_loop(start, plan.num_indices, body, (latents, state))
+    latents, _ = ops.fori_loop(start, plan.num_indices if end is None else end, body, (latents, state))
     return latents

@@ -17,9 +17,10 @@ from keras import ops
 
 from diffusion_tf import a1111, compiler_memory, schedulers
 from diffusion_tf.components import load_folder
-from diffusion_tf.pipeline import editing, sampling
+from diffusion_tf.model_folder import TOKENIZERS, pipeline_flags
+from diffusion_tf.pipeline import editing, sampling, sdxl
 from diffusion_tf.prompts import syntax, textual_inversion
-from diffusion_tf.prompts.conditioning import TextConditioning, check_clip_skip
+from diffusion_tf.prompts.conditioning import TextConditioning
 from diffusion_tf.presets.resolve import resolve_model
 from diffusion_tf.pipeline.request import (  # noqa: F401  (MAX_*: public constants of this module)
     MAX_PIXELS, MAX_SEED, MAX_STEPS, GenerationRequest, check_attention, check_scheduler, check_size,
@@ -131,13 +132,18 @@ class Text2Image:
         self.defaults.update(_folder_defaults(self.config, self.model_path))
         if scheduler is None:
             scheduler = self.defaults["scheduler"]
-        # === Components ===
-        self.tokenizer = parts["tokenizer"]
-        self.text_encoder = parts["text_encoder"]
+        # === Components ===  (SDXL: two tokenizers and text encoders; its refiner only the second)
         self.unet = parts["unet"]
         self.vae = parts["vae"]
-        self.conditioning = TextConditioning(self.tokenizer, self.text_encoder, prompt_syntax, long_prompts)
-        self.clip_skip = check_clip_skip(clip_skip, self.text_encoder)
+        self.text_encoder, self.text_encoder_2 = parts.get("text_encoder"), parts.get("text_encoder_2")
+        self.tokenizer_2 = parts.get("tokenizer_2")
+        self.tokenizer = parts.get("tokenizer", self.tokenizer_2)
+        towers = [(c, parts[TOKENIZERS[c]], parts[c]) for c in TOKENIZERS if c in parts]
+        self.is_xl = self.unet.needs_added_cond
+        self.conditioning = TextConditioning(towers, prompt_syntax, long_prompts, pooled=self.is_xl)
+        self.flags = pipeline_flags(self.config)
+        self._check_family()
+        self.clip_skip = self.conditioning.check_clip_skip(clip_skip)
         self.lora_dir, self.embedding_dir = lora_dir, embedding_dir
         self._lora_stack = None
         self._prompt_loras = {}  # <lora:NAME> of the last prompts: NAME -> the stack's name
@@ -159,6 +165,34 @@ class Text2Image:
             self.load_textual_inversion(path, token)
 
     # ------------------------------------------------------------ components
+    def _check_family(self):
+        """The text encoders, the UNet and the pipeline flags fit together (else a ValueError
+        naming the widths: e.g. an SD 1.5 UNet with SDXL encoders)."""
+        width, cross = self.conditioning.width, self.unet.cross_attention_dim
+        if isinstance(cross, (list, tuple)):
+            cross = cross[0]
+        if width != cross:
+            raise ValueError(
+                f"{self.model_path!r}: the text encoders give a context {width} wide "
+                f"({' + '.join(str(e.hidden_size) for e in self.conditioning.text_encoders)}) but the UNet "
+                f"attends to {cross}: the components are of different models.")
+        self.num_time_ids = self.unet.num_time_ids(self.conditioning.pooled_width) if self.is_xl else None
+        aesthetics = self.flags["requires_aesthetics_score"]
+        if self.is_xl and self.num_time_ids != (5 if aesthetics else 6):
+            raise ValueError(
+                f"{self.model_path!r}: the UNet reads {self.num_time_ids} time ids but the folder says "
+                f"requires_aesthetics_score={aesthetics} ({5 if aesthetics else 6} expected).")
+
+    @property
+    def text_layers(self):
+        """clip_skip must be below this (the text encoder's layer count; see `check_clip_skip`)."""
+        return self.conditioning.text_layers
+
+    @property
+    def is_refiner(self):
+        """An SDXL refiner (micro-conditioned on an aesthetic score): image-to-image only."""
+        return self.is_xl and self.flags["requires_aesthetics_score"]
+
     @property
     def latent_shape(self):
         f = self.vae.downsampling_factor
@@ -171,19 +205,31 @@ class Text2Image:
 
     def encode_text(self, prompts, clip_skip=None):
         """Prompts -> the cross-attention context [B, 77 k, D]: A1111's emphasis and chunks (k > 1
-        for prompts over 75 tokens), added tokens and clip skip, as `generate` encodes them."""
+        for prompts over 75 tokens), added tokens and clip skip, as `generate` encodes them.
+        SDXL: (context, pooled [B, P]) as diffusers' `encode_prompt` (both encoders' penultimate
+        layers concatenated; the pooled embedding of the second)."""
         prompts = [syntax.extract_networks(p)[0] for p in prompt_list(prompts)]
         ids, weights = self.conditioning.tokens(prompts)
-        extra = self.conditioning.extra_embeddings()
-        return self.conditioning.encode(ops.convert_to_tensor(ids), ops.convert_to_tensor(weights),
-                                        None if extra is None else ops.convert_to_tensor(extra),
-                                        self._clip_skip(clip_skip))
+        context, pooled = self.conditioning.encode(
+            tuple(ops.convert_to_tensor(i) for i in ids), ops.convert_to_tensor(weights),
+            self._extra(), self._clip_skip(clip_skip))
+        return (context, pooled) if self.is_xl else context
+
+    def _extra(self):
+        """The added tokens' vectors, one entry per text encoder, as tensors (None: none at all)."""
+        extra = self.conditioning.all_extra_embeddings()
+        if all(e is None for e in extra):
+            return None
+        return tuple(None if e is None else tf.constant(e) for e in extra)
 
     def _clip_skip(self, clip_skip):
-        return self.clip_skip if clip_skip is None else check_clip_skip(clip_skip, self.text_encoder)
+        return self.clip_skip if clip_skip is None else self.conditioning.check_clip_skip(clip_skip)
 
-    def predict_noise(self, latents, timesteps, context):
-        """The raw UNet output [B, h, w, 4] (noise, or v for v-prediction models)."""
+    def predict_noise(self, latents, timesteps, context, added_cond=None):
+        """The raw UNet output [B, h, w, 4] (noise, or v for v-prediction models). SDXL:
+        `added_cond={"text_embeds": pooled, "time_ids": [B, 6 (5 for the refiner)]}`."""
+        if self.is_xl:
+            return self.unet(latents, timesteps, context, added_cond)
         return self.unet(latents, timesteps, context)
 
     def decode(self, latents):
@@ -217,14 +263,27 @@ class Text2Image:
         shape = tuple(self.latent_shape if shape is None else shape)
         return tf.stack([tf.random.stateless_normal(shape, seed=[int(s), 0]) for s in seeds])
 
-    def _context(self, text, extra, use_guidance, clip_skip):
-        """The cross-attention context: unconditional rows first, then conditional ones. `text`:
-        {"ids", "weights", "uncond_ids", "uncond_weights"} [B, k, 77] (`conditioning.pair`)."""
+    def _context(self, text, extra, use_guidance, clip_skip, zero_uncond=False):
+        """(the cross-attention context, an SDXL UNet's added conditions or None): unconditional
+        rows first, then conditional ones. `text`: {"ids" (one [B, k, 77] per text encoder),
+        "weights", "uncond_ids", "uncond_weights"} (`conditioning.pair`), with SDXL's "time_ids"
+        and "uncond_time_ids" [B, n]. `zero_uncond`: SDXL's force_zeros_for_empty_prompt (no
+        negative prompt: zero embeddings for the unconditional pass)."""
         ids, weights = text["ids"], text["weights"]
-        if use_guidance:
-            ids = ops.concatenate([text["uncond_ids"], ids], axis=0)
+        encode_uncond = use_guidance and not zero_uncond
+        if encode_uncond:
+            ids = tuple(ops.concatenate([u, c], axis=0) for u, c in zip(text["uncond_ids"], ids))
             weights = ops.concatenate([text["uncond_weights"], weights], axis=0)
-        return self.conditioning.encode(ids, weights, extra, clip_skip)
+        context, pooled = self.conditioning.encode(ids, weights, extra, clip_skip)
+        if use_guidance and zero_uncond:
+            context = ops.concatenate([ops.zeros_like(context), context], axis=0)
+            pooled = None if pooled is None else ops.concatenate([ops.zeros_like(pooled), pooled], axis=0)
+        if not self.is_xl:
+            return context, None
+        time_ids = text["time_ids"]
+        if use_guidance:
+            time_ids = ops.concatenate([text["uncond_time_ids"], time_ids], axis=0)
+        return context, {"text_embeds": pooled, "time_ids": time_ids}
 
     @property
     def tracing_count(self):
@@ -238,7 +297,7 @@ class Text2Image:
             self._functions[key] = tf.function(fn, jit_compile=self.jit_compile, reduce_retracing=True)
         return self._functions[key]
 
-    def _generate_fn(self, use_guidance, scheduler, mode, size, clip_skip, decode=True):
+    def _generate_fn(self, use_guidance, scheduler, mode, size, clip_skip, zero_uncond, rescale, decode=True):
         """encode text -> the denoising loop -> decode, as one compiled function.
 
         The scheduler's per-step tables, the start index and the editing inputs `cond` come in
@@ -248,23 +307,27 @@ class Text2Image:
         dimensions by a call with another. Keyed by the scheduler object itself (kept alive
         by the key, so never confused)."""
 
-        def generate(text, extra, latents, tables, guidance, temperature, seed, start, cond):
-            context = self._context(text, extra, use_guidance, clip_skip)
-            plan = sampling.Plan(scheduler, tables, guidance, use_guidance, seed, temperature, cond)
-            latents = sampling.denoise(self.unet, plan, latents, context, start)
+        def generate(text, extra, latents, tables, guidance, temperature, seed, rescale, start, end, cond):
+            context, added = self._context(text, extra, use_guidance, clip_skip, zero_uncond)
+            plan = sampling.Plan(scheduler, tables, guidance, use_guidance, seed, temperature, cond, added,
+                                 rescale if rescale_on else None)
+            latents = sampling.denoise(self.unet, plan, latents, context, start, end)
             return (self.decode(latents) if decode else latents), latents
 
-        return self._compiled(("generate", use_guidance, scheduler, mode, size, clip_skip, decode), generate)
+        rescale_on = rescale
+        return self._compiled(("generate", use_guidance, scheduler, mode, size, clip_skip, zero_uncond, rescale,
+                               decode), generate)
 
-    def _step_fn(self, use_guidance, scheduler, mode, size, clip_skip):
+    def _step_fn(self, use_guidance, scheduler, mode, size, clip_skip, zero_uncond, rescale):
         """One denoising step as a compiled function (the callback path)."""
 
-        def step(latents, state, i, context, tables, guidance, temperature, seed, cond):
-            plan = sampling.Plan(scheduler, tables, guidance, use_guidance, seed, temperature, cond)
+        def step(latents, state, i, context, added, tables, guidance, temperature, seed, rescale_value, cond):
+            plan = sampling.Plan(scheduler, tables, guidance, use_guidance, seed, temperature, cond, added,
+                                 rescale_value if rescale else None)
             latents, state, _ = sampling.denoise_step(self.unet, plan, latents, state, i, context)
             return latents, state
 
-        return self._compiled(("step", use_guidance, scheduler, mode, size, clip_skip), step)
+        return self._compiled(("step", use_guidance, scheduler, mode, size, clip_skip, zero_uncond, rescale), step)
 
     # ------------------------------------------------------------ LoRA and textual inversion
     @property
@@ -273,7 +336,8 @@ class Text2Image:
         if self._lora_stack is None:
             from diffusion_tf.lora import LoraStack
 
-            self._lora_stack = LoraStack({"unet": self.unet, "text_encoder": self.text_encoder})
+            self._lora_stack = LoraStack({"unet": self.unet, "text_encoder": self.text_encoder,
+                                          "text_encoder_2": self.text_encoder_2})
         return self._lora_stack
 
     def load_lora(self, path, scale=1.0):
@@ -385,6 +449,17 @@ class Text2Image:
         init_latents=None,
         output_type="np",
         clip_skip=None,
+        original_size=None,
+        target_size=None,
+        crops_coords_top_left=None,
+        negative_original_size=None,
+        negative_target_size=None,
+        negative_crops_coords_top_left=None,
+        aesthetic_score=6.0,
+        negative_aesthetic_score=2.5,
+        guidance_rescale=0.0,
+        denoising_start=None,
+        denoising_end=None,
     ):
         """Generate images; returns uint8 [len(prompts) * batch_size, H, W, 3].
 
@@ -420,12 +495,29 @@ class Text2Image:
         `long_prompts`): `(word:1.3)` emphasis, BREAK, prompts of any length, `<lora:NAME:SCALE>`
         (merged for this and later calls that name it, found in `lora_dir`) and the words of
         `embedding_dir`. `clip_skip`: this call's (default: the constructor's).
+
+        SDXL (as diffusers' StableDiffusionXL*Pipeline): `original_size`, `target_size` (default:
+        the output size) and `crops_coords_top_left` (default (0, 0)) micro-condition the UNet, as
+        `(height, width)` / `(top, left)` pairs, with `negative_*` variants for the unconditional
+        pass (see `diffusion_tf.pipeline.sdxl` for diffusers' defaults); a refiner reads
+        `aesthetic_score` / `negative_aesthetic_score` instead of the target size. With no
+        negative prompt the unconditional embeddings are zeros where the model folder says
+        force_zeros_for_empty_prompt (the base). `guidance_rescale` (any model) rescales the guided
+        output (Lin et al. 2023). `denoising_end` in (0, 1) stops the schedule there (the base of
+        an "ensemble of experts"; use `output_type="latent"`), `denoising_start` starts there from
+        `init_latents` (or `init_image`) without adding noise (the refiner), in place of
+        `strength`.
         """
         request = GenerationRequest(
             prompt, negative_prompt=negative_prompt, num_steps=num_steps,
             guidance_scale=unconditional_guidance_scale, seed=seed, batch_size=batch_size, height=height,
             width=width, scheduler=scheduler, temperature=temperature, init_image=init_image, strength=strength,
             mask=mask, outpaint=outpaint, paste_back=paste_back, latents=latents, clip_skip=clip_skip,
+            original_size=original_size, target_size=target_size, crops_coords_top_left=crops_coords_top_left,
+            negative_original_size=negative_original_size, negative_target_size=negative_target_size,
+            negative_crops_coords_top_left=negative_crops_coords_top_left, aesthetic_score=aesthetic_score,
+            negative_aesthetic_score=negative_aesthetic_score, guidance_rescale=guidance_rescale,
+            denoising_start=denoising_start, denoising_end=denoising_end,
         )
         return self.run(request, callback=callback, init_latents=init_latents, output_type=output_type)
 
@@ -442,6 +534,7 @@ class Text2Image:
         prompts, negatives = self._prompt_networks(request.prompts(),
                                                    negative_list(request.negative_prompt, len(request.prompts())))
         edit = editing.prepare(request.init_image, request.strength, request.mask, request.outpaint)
+        self._check_editing(request, edit, init_latents)
         size = self._request_size(request, edit, init_latents)
         shape = (size[0] // self.vae.downsampling_factor, size[1] // self.vae.downsampling_factor,
                  self.vae.latent_channels)
@@ -455,34 +548,49 @@ class Text2Image:
 
         # 2. Encode the prompt: tokens and weights here, the text encoder inside the compiled function
         use_guidance = guidance > 1.0
+        zero_uncond = use_guidance and request.negative_prompt is None and self.flags["force_zeros_for_empty_prompt"]
         (ids, weights), (uncond_ids, uncond_weights) = self.conditioning.pair(prompts, negatives)
-        text = {"ids": tf.constant(ids), "weights": tf.constant(weights)}
-        if use_guidance:
-            text.update(uncond_ids=tf.constant(uncond_ids), uncond_weights=tf.constant(uncond_weights))
-        extra = self.conditioning.extra_embeddings()
-        extra = None if extra is None else tf.constant(extra)
+        text = {"ids": tuple(tf.constant(i) for i in ids), "weights": tf.constant(weights)}
+        if use_guidance and not zero_uncond:
+            text.update(uncond_ids=tuple(tf.constant(i) for i in uncond_ids),
+                        uncond_weights=tf.constant(uncond_weights))
+        if self.is_xl:
+            kind = sdxl.TEXT_TO_IMAGE if edit is None and init_latents is None else sdxl.EDITING
+            positive, negative = sdxl.time_ids(kind, self.is_refiner, size, request)
+            text["time_ids"] = tf.constant(np.tile(positive, (len(prompts), 1)))
+            if use_guidance:
+                text["uncond_time_ids"] = tf.constant(np.tile(negative, (len(prompts), 1)))
+        extra = self._extra()
 
         # 3. Prepare the latents (and the editing conditions)
         tables = {k: tf.constant(v) for k, v in sched.tables.items()}
         latents, start, cond = self._prepare_latents(
-            sched, tables, num_steps, noise, edit, init_latents, request.strength, len(prompts))
+            sched, tables, num_steps, noise, edit, init_latents, request.strength, len(prompts),
+            request.denoising_start)
+        end = sdxl.end_index(sched.timesteps, request.denoising_end, sched.num_train_timesteps)
+        if request.denoising_end is not None and end <= start:
+            raise ValueError(
+                f"denoising_end={request.denoising_end!r} leaves no step to run after the start (index {start} of "
+                f"{len(sched.timesteps)}); raise it, or give more steps.")
 
         # 4. Denoise and 5. decode: one compiled function (or step by step with a callback). Its
         # first call traces and compiles it: give the compiler's freed memory back as it goes
         # (compiler_memory), so that it does not add to the generation's peak.
         decode = output_type != "latent"
         args = (tf.constant(guidance, "float32"), tf.constant(request.temperature, "float32"),
-                tf.constant(seed, "int64"))
-        key = (use_guidance, sched, tuple(sorted(cond)), tuple(int(d) for d in latents.shape[1:3]), clip_skip)
+                tf.constant(seed, "int64"), tf.constant(request.guidance_rescale, "float32"))
+        bounds = (tf.constant(start, "int32"), tf.constant(end, "int32"))
+        key = (use_guidance, sched, tuple(sorted(cond)), tuple(int(d) for d in latents.shape[1:3]), clip_skip,
+               zero_uncond, use_guidance and request.guidance_rescale > 0)
         fn = self._generate_fn(*key, decode=decode) if callback is None else self._step_fn(*key)
         with compiler_memory.released(fn.experimental_get_tracing_count() == 0):
             if callback is None and self.strategy.num_replicas_in_sync > 1:
                 images, latents = self._distributed_generate(
-                    fn, self.strategy.num_replicas_in_sync, text, extra, latents, tables, args, start, cond)
+                    fn, self.strategy.num_replicas_in_sync, text, extra, latents, tables, args, bounds, cond)
             elif callback is None:
-                images, latents = fn(text, extra, latents, tables, *args, tf.constant(start, "int32"), cond)
+                images, latents = fn(text, extra, latents, tables, *args, *bounds, cond)
             else:
-                latents = self._run_with_callback(fn, key, text, extra, latents, tables, args, start,
+                latents = self._run_with_callback(fn, key, text, extra, latents, tables, args, start, end,
                                                   cond, timesteps, callback)
                 images = self._compiled(("decode", key[3]), self.decode)(latents) if decode else latents
         if not decode:
@@ -493,6 +601,20 @@ class Text2Image:
         return images
 
     # ------------------------------------------------------------ generate's helpers
+    def _check_editing(self, request, edit, init_latents):
+        """A refiner edits only; `denoising_start` needs something to start from."""
+        if edit is None and init_latents is None:
+            if self.is_refiner:
+                raise ValueError(
+                    f"{self.model_path!r} is an SDXL refiner (conditioned on an aesthetic score): it only refines. "
+                    "Give init_image= (image-to-image) or init_latents= with denoising_start= (a base model's "
+                    "latents, output_type='latent' with denoising_end=).")
+            if request.denoising_start is not None:
+                raise ValueError(f"denoising_start={request.denoising_start!r} needs init_latents= or init_image= "
+                                 "(the partly denoised latents to continue from).")
+        if request.denoising_start is not None and edit is not None and edit.outpaint is not None:
+            raise ValueError(f"denoising_start={request.denoising_start!r} cannot be combined with outpaint=.")
+
     def _request_size(self, request, edit, init_latents):
         """(height, width) in pixels: the input image's when editing, else the request's or the pipeline's."""
         if init_latents is not None:
@@ -527,8 +649,10 @@ class Text2Image:
             raise ValueError("latents contain NaN or Inf values.")
         return tf.constant(latents)
 
-    def _prepare_latents(self, sched, tables, num_steps, noise, edit, init_latents, strength, batch):
-        """(the loop's start latents, its start index, the editing conditions `cond`)."""
+    def _prepare_latents(self, sched, tables, num_steps, noise, edit, init_latents, strength, batch,
+                         denoising_start=None):
+        """(the loop's start latents, its start index, the editing conditions `cond`).
+        `denoising_start`: start there (SDXL's hand-off) from the image latents as they are."""
         if edit is None and init_latents is None:
             latents = noise * np.float32(sched.init_noise_sigma)
             cond = {}
@@ -545,8 +669,12 @@ class Text2Image:
             strength = edit.strength  # 1.0 for outpainting
             image_latents = tf.tile(self.encode(edit.image[None]), [batch, 1, 1, 1])
         start = editing.start_index(num_steps, strength, sched)
+        if denoising_start is not None:
+            start = sdxl.start_index(sched.timesteps, denoising_start, sched.num_train_timesteps,
+                                     editing.scheduler_order(sched))
         inpainting = (edit is not None and edit.inpainting) or self.unet.in_channels == 9
-        if start >= len(sched.timesteps):  # strength 0: no step, the VAE round trip
+        if denoising_start is not None or start >= len(sched.timesteps):
+            # the hand-off continues from the latents as given; strength 0: the VAE round trip
             latents = image_latents
         elif inpainting and start == 0 and strength == 1.0:  # diffusers' is_strength_max
             latents = noise * np.float32(sched.init_noise_sigma)
@@ -563,19 +691,21 @@ class Text2Image:
             cond = {"mask": tf.constant(m[None]), "image_latents": image_latents, "noise": noise}
         return latents, start, cond
 
-    def _run_with_callback(self, fn, key, text, extra, latents, tables, args, start, cond, timesteps, callback):
+    def _run_with_callback(self, fn, key, text, extra, latents, tables, args, start, end, cond, timesteps,
+                           callback):
         """The loop on the host, one compiled step at a time, calling `callback(k, n, t)` after each."""
-        use_guidance, clip_skip = key[0], key[4]
-        context = self._compiled(("context", use_guidance, clip_skip),
-                                 lambda t, e: self._context(t, e, use_guidance, clip_skip))(text, extra)
+        use_guidance, clip_skip, zero_uncond = key[0], key[4], key[5]
+        context, added = self._compiled(
+            ("context", use_guidance, clip_skip, zero_uncond),
+            lambda t, e: self._context(t, e, use_guidance, clip_skip, zero_uncond))(text, extra)
         state = key[1].init_state(latents)
-        run = len(timesteps) - start
-        for k, t in enumerate(timesteps[start:]):
-            latents, state = fn(latents, state, tf.constant(start + k, "int32"), context, tables, *args, cond)
+        run = end - start
+        for k, t in enumerate(timesteps[start:end]):
+            latents, state = fn(latents, state, tf.constant(start + k, "int32"), context, added, tables, *args, cond)
             callback(k, run, t.item())
         return latents
 
-    def _distributed_generate(self, fn, replicas, text, extra, latents, tables, args, start, cond):
+    def _distributed_generate(self, fn, replicas, text, extra, latents, tables, args, bounds, cond):
         """`fn` on each replica with its contiguous share of the batch (shares differ by at most
         one; a replica may get none); the results concatenated in order."""
         batch = int(latents.shape[0])
@@ -592,15 +722,15 @@ class Text2Image:
         values = self.strategy.experimental_distribute_values_from_function(share)
         key = ("distributed", fn)
         if key not in self._functions:
-            def run(values, extra, tables, guidance, temperature, seed, start, shared_cond):
+            def run(values, extra, tables, guidance, temperature, seed, rescale, start, end, shared_cond):
                 def replica_fn(v):
                     return fn(v["text"], extra, v["latents"], tables, guidance, temperature,
-                              seed, start, {**shared_cond, **v["cond"]})
+                              seed, rescale, start, end, {**shared_cond, **v["cond"]})
 
                 return self.strategy.run(replica_fn, args=(values,))
 
             self._functions[key] = tf.function(run)
-        images, out = self._functions[key](values, extra, tables, *args, tf.constant(start, "int32"), shared_cond)
+        images, out = self._functions[key](values, extra, tables, *args, *bounds, shared_cond)
         local = self.strategy.experimental_local_results
         return (np.concatenate([np.asarray(x) for x in local(images)]),
                 np.concatenate([np.asarray(x) for x in local(out)]))

@@ -102,12 +102,12 @@ def _write(path, tensors):
 
 @pytest.mark.parametrize("case, message", [
     ("missing", "does not exist"),
-    ("width", "width 48; this model's text encoder is 32 wide"),
+    ("width", "width 48; this model's text_encoder is 32 wide"),
     ("nan", "NaN or Inf"),
     ("vocab_word", "already in the tokenizer's vocabulary"),
     ("twice", "already in the tokenizer's vocabulary"),
     ("lora", "not a textual-inversion embedding"),
-    ("sdxl", "clip_g, clip_l; this model's text encoder needs 'text_encoder'"),
+    ("sdxl", "clip_g, clip_l; this model needs 'text_encoder'.*SDXL embedding on an SD 1.x/2.x model"),
     ("extension", "unsupported extension"),
     ("token", "token=''"),
 ])
