@@ -21,7 +21,10 @@ from weights_port.infer import SD_SCHEDULER, describe, infer_configs
 from weights_port.key_table import resolve
 from weights_port.safetensors_reader import read_safetensors_metadata
 
-COMPONENTS = ("text_encoder", "unet", "vae")
+COMPONENTS = ("text_encoder", "unet", "vae")  # SD 1.x/2.x; SDXL: text_encoder_2 too, the refiner without text_encoder
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+PIPELINE_FLAGS = ("force_zeros_for_empty_prompt", "requires_aesthetics_score")
 SCHEDULER_FIELDS = tuple(SD_SCHEDULER) + ("clip_sample", "trained_betas")
 DTYPES = ("float32", "float16")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -76,25 +79,37 @@ def _read_json(path):
 
 
 def folder_configs(folder):
-    """Configs of a diffusers-style folder (unet/, vae/, text_encoder/, scheduler/, tokenizer/)."""
+    """Configs of a diffusers-style folder (unet/, vae/, text_encoder/ and/or text_encoder_2/,
+    scheduler/, tokenizer/ and/or tokenizer_2/, model_index.json's SDXL pipeline flags)."""
     from diffusion_tf.clip_tokenizer import CLIPTokenizer
 
-    configs = {
-        "text_encoder": _read_json(os.path.join(folder, "text_encoder", "config.json")),
-        "unet": _read_json(os.path.join(folder, "unet", "config.json")),
-        "vae": _read_json(os.path.join(folder, "vae", "config.json")),
-    }
+    configs = {c: _read_json(os.path.join(folder, c, "config.json")) for c in ("unet", "vae")}
+    for c in TEXT_ENCODERS:
+        path = os.path.join(folder, c, "config.json")
+        if os.path.isfile(path):
+            configs[c] = _read_json(path)
+    if not any(c in configs for c in TEXT_ENCODERS):
+        raise CheckpointError(f"missing {os.path.join(folder, 'text_encoder', 'config.json')!r} "
+                              "(a model needs text_encoder/ or, as the SDXL refiner, text_encoder_2/).")
     scheduler = os.path.join(folder, "scheduler", "scheduler_config.json")
     configs["scheduler"] = _read_json(scheduler) if os.path.isfile(scheduler) else dict(SD_SCHEDULER)
-    tokenizer = os.path.join(folder, "tokenizer")
-    if os.path.isdir(tokenizer):
-        configs["tokenizer"] = CLIPTokenizer.from_folder(tokenizer).get_config()
-    else:
-        configs["tokenizer"] = dict(DEFAULT_TOKENIZER)
+    for encoder, section in TOKENIZERS.items():
+        if encoder not in configs:
+            continue
+        tokenizer = os.path.join(folder, section)
+        if os.path.isdir(tokenizer):
+            configs[section] = CLIPTokenizer.from_folder(tokenizer).get_config()
+        else:
+            configs[section] = dict(DEFAULT_TOKENIZER)
+    index = os.path.join(folder, "model_index.json")
+    if "text_encoder_2" in configs and os.path.isfile(index):
+        flags = _read_json(index)
+        configs["pipeline"] = {k: bool(flags[k]) for k in PIPELINE_FLAGS if k in flags}
     return configs
 
 
-CONFIG_SECTIONS = COMPONENTS + ("scheduler", "tokenizer")
+CONFIG_SECTIONS = ("text_encoder", "text_encoder_2", "unet", "vae", "scheduler", "tokenizer", "tokenizer_2",
+                   "pipeline")
 DEFAULT_TOKENIZER = {"pad_token_id": 49407, "context_length": 77}
 
 
@@ -117,7 +132,9 @@ def given_configs(config):
             f"config={config!r} ({type(config).__name__}); must be a diffusers-style folder or a dict of configs "
             f"with keys {', '.join(CONFIG_SECTIONS)}."
         )
-    missing = [k for k in COMPONENTS if k not in config]
+    missing = [k for k in ("unet", "vae") if k not in config]
+    if not any(k in config for k in TEXT_ENCODERS):
+        missing.append("text_encoder")
     unknown = sorted(set(config) - set(CONFIG_SECTIONS))
     bad = [k for k in CONFIG_SECTIONS if k in config and not isinstance(config[k], dict)]
     if missing or unknown or bad:
@@ -126,12 +143,20 @@ def given_configs(config):
             + (f", lacking {', '.join(missing)}" if missing else "")
             + (f", with unknown {', '.join(unknown)}" if unknown else "")
             + (f", and {', '.join(bad)} not dicts" if bad else "")
-            + f"; allowed keys: {', '.join(CONFIG_SECTIONS)} (text_encoder, unet and vae required), each a dict."
+            + f"; allowed keys: {', '.join(CONFIG_SECTIONS)} (unet, vae and text_encoder or text_encoder_2 "
+            "required), each a dict."
         )
     out = {k: dict(v) for k, v in config.items()}
     out.setdefault("scheduler", dict(SD_SCHEDULER))
-    out.setdefault("tokenizer", dict(DEFAULT_TOKENIZER))
+    for encoder, section in TOKENIZERS.items():
+        if encoder in out:
+            out.setdefault(section, dict(DEFAULT_TOKENIZER))
     return out
+
+
+def components(configs):
+    """The networks `configs` describe, in a fixed order."""
+    return tuple(c for c in ("text_encoder", "text_encoder_2", "unet", "vae") if c in configs)
 
 
 def _clean_scheduler(config, prediction_type):
@@ -151,6 +176,8 @@ def _config_label(config, config_name):
 
 
 def _family(configs):
+    if "text_encoder_2" in configs:
+        return "sdxl"
     te = configs["text_encoder"]
     return "sd2" if te.get("hidden_act") == "gelu" else "sd1"
 
@@ -161,20 +188,18 @@ def build_models(configs):
     `given_configs`); networks built only to receive weights (no process state changes)."""
     from diffusion_tf.components import build_model
 
-    return {c: build_model(c, configs[c]) for c in COMPONENTS}
+    return {c: build_model(c, configs[c]) for c in components(configs)}
 
 
 
 def _tables(models, configs, single_file, family):
     from diffusion_tf.state_dict import named_variables
 
-    keys = {c: list(named_variables(models[c])) for c in COMPONENTS}
+    keys = {c: list(named_variables(models[c])) for c in models}
     if not single_file:
-        return {
-            "text_encoder": clip_keys.hf_table(keys["text_encoder"]),
-            "unet": unet_keys.diffusers_table(keys["unet"]),
-            "vae": vae_keys.diffusers_table(keys["vae"]),
-        }
+        tables = {c: clip_keys.hf_table(keys[c]) for c in TEXT_ENCODERS if c in keys}
+        tables.update(unet=unet_keys.diffusers_table(keys["unet"]), vae=vae_keys.diffusers_table(keys["vae"]))
+        return tables
     text = (
         clip_keys.openclip_table(keys["text_encoder"])
         if family == "sd2"
@@ -209,7 +234,7 @@ def _assign(models, tables, sources, what, log=_log):
 
     used = {}
     progress = _Progress(log, "assigning")
-    for c in COMPONENTS:
+    for c in models:
         shapes = {k: v.shape for k, v in get_state_dict(models[c]).items()}
         state, used[c] = resolve(tables[c], sources[c], shapes, f"{what} ({c})")
         set_state_dict(models[c], {k: v.astype(np.float32) for k, v in state.items()}, f"{what} ({c})",
@@ -248,7 +273,7 @@ def convert_checkpoint(src, dst, config=None, prediction_type=None, dtype="float
                 f"({'OpenCLIP' if family == 'sd2' else 'CLIP ViT-L'} text encoder) but "
                 f"{_config_label(config, config_name)} describes an {_family(configs).upper()}.x model."
             )
-        sources = {c: tensors for c in COMPONENTS}
+        sources = {c: tensors for c in components(configs)}
     else:
         if not os.path.isfile(os.path.join(src, "unet", "config.json")):
             raise CheckpointError(
@@ -256,12 +281,12 @@ def convert_checkpoint(src, dst, config=None, prediction_type=None, dtype="float
             )
         configs = given_configs(config) if config is not None else folder_configs(src)
         family = _family(configs)
-        sources = {c: _component_weights(os.path.join(src, c)) for c in COMPONENTS}
-        if os.path.isfile(os.path.join(src, "tokenizer", "vocab.json")):
-            tokenizer_files = os.path.join(src, "tokenizer")
+        sources = {c: _component_weights(os.path.join(src, c)) for c in components(configs)}
+        tokenizer_files = {section: os.path.join(src, section) for encoder, section in TOKENIZERS.items()
+                           if encoder in configs and os.path.isfile(os.path.join(src, section, "vocab.json"))}
     configs["scheduler"] = _clean_scheduler(configs["scheduler"], prediction_type)
 
-    log(f"building the {family.upper()}.x architecture")
+    log(f"building the {family.upper() + ('' if family == 'sdxl' else '.x')} architecture")
     models = build_models(configs)
     tables = _tables(models, configs, single_file, family)
     used = _assign(models, tables, sources, src, log)
@@ -270,7 +295,7 @@ def convert_checkpoint(src, dst, config=None, prediction_type=None, dtype="float
         unused = sorted(set(tensors) - set().union(*used.values()))
         unexpected = [k for k in unused if not any(re.match(p, k) for p in UNUSED_ORIGINAL)]
     else:
-        unused = sorted(k for c in COMPONENTS for k in set(sources[c]) - used[c])
+        unused = sorted(k for c in models for k in set(sources[c]) - used[c])
         unexpected = [k for k in unused if not k.endswith("position_ids")]
     total = sum(len(s) for s in used.values())
     log(f"assigned {total} tensors; {len(unused)} checkpoint entries unused")
@@ -281,12 +306,12 @@ def convert_checkpoint(src, dst, config=None, prediction_type=None, dtype="float
         )
     folder_config = {
         name: {k: v for k, v in models[name].get_config().items() if k not in ("name", "trainable", "dtype")}
-        for name in COMPONENTS
+        for name in models
     }
     folder_config["unet"].pop("attention", None)
+    folder_config.update({s: configs[s] for s in ("tokenizer", "tokenizer_2", "pipeline") if s in configs})
     folder_config.update(
         scheduler=configs["scheduler"],
-        tokenizer=configs["tokenizer"],
         source=os.path.basename(os.path.abspath(src)),
         weights_dtype=dtype,
         unused_checkpoint_keys=unused,

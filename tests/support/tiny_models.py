@@ -19,6 +19,7 @@ from support.torch_format import save_torch_zip
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures")
 NAMES = ("tiny-sd1", "tiny-sd2")
+SDXL_NAMES = ("tiny-sdxl", "tiny-sdxl-refiner", "tiny-sdxl-inpaint")
 
 
 def fixture_dir(name):
@@ -63,15 +64,20 @@ def write_diffusers_folder(name, dst):
 
     _, _, state = weights(name)
     src = fixture_dir(name)
-    for sub in ("unet", "vae", "text_encoder", "scheduler", "tokenizer"):
-        shutil.copytree(os.path.join(src, sub), os.path.join(dst, sub))
-    CLIPTokenizer().save_vocabulary(os.path.join(dst, "tokenizer"))
-    files = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
-             "text_encoder": "model.safetensors"}
-    for component, filename in files.items():
+    for sub in ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler", "tokenizer", "tokenizer_2"):
+        if os.path.isdir(os.path.join(src, sub)):
+            shutil.copytree(os.path.join(src, sub), os.path.join(dst, sub))
+    for sub in ("tokenizer", "tokenizer_2"):
+        if os.path.isdir(os.path.join(dst, sub)):
+            CLIPTokenizer().save_vocabulary(os.path.join(dst, sub))
+    for component in state:
+        filename = "model.safetensors" if component.startswith("text_encoder") else "diffusion_pytorch_model.safetensors"
         save_file(state[component], os.path.join(dst, component, filename))
-    with open(os.path.join(dst, "model_index.json"), "w") as f:
-        json.dump({"_class_name": "StableDiffusionPipeline"}, f)
+    if os.path.isfile(os.path.join(src, "model_index.json")):
+        shutil.copy(os.path.join(src, "model_index.json"), dst)
+    else:
+        with open(os.path.join(dst, "model_index.json"), "w") as f:
+            json.dump({"_class_name": "StableDiffusionPipeline"}, f)
     return dst
 
 
