@@ -216,7 +216,7 @@ def test_configs_are_a_folder_or_a_dict_never_a_preset_name(sd1_file, tmp_path):
     assert sorted(os.listdir(dst)) == ["config.json", "text_encoder.weights.h5", "unet.weights.h5", "vae.weights.h5"]
     with pytest.raises(ValueError, match=r"config='sd-v1-5' is not a folder.*get_preset\(NAME\)\['configs'\]"):
         given_configs("sd-v1-5")
-    with pytest.raises(ValueError, match=r"lacking unet.*with unknown extra.*allowed keys: text_encoder, unet, vae"):
+    with pytest.raises(ValueError, match=r"lacking unet.*with unknown extra.*allowed keys: text_encoder, text_encoder_2, unet, vae"):
         given_configs({"text_encoder": {}, "vae": {}, "extra": {}})
     with pytest.raises(ValueError, match=r"config=7 \(int\); must be a diffusers-style folder or a dict"):
         given_configs(7)
