@@ -65,3 +65,25 @@ def tiny_inpaint_pipe():
     from diffusion_tf import Text2Image
 
     return Text2Image(model=tiny_models.converted_folder("tiny-sd1-inpaint"), img_height=64, img_width=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipes(tmp_path_factory):
+    """{(name, source): Text2Image at 64x64} for the tiny SDXL models converted from a diffusers
+    folder ("diffusers") and from an SGM single file ("sgm"), prompt_syntax="plain" (diffusers has
+    none). Files using it share the xdist group "sdxl"; do not change the pipelines' attributes."""
+    from diffusion_tf import Text2Image
+    from weights_port.convert import convert_checkpoint
+
+    root = tmp_path_factory.mktemp("sdxl")
+    out = {}
+    for name in tiny_models.SDXL_NAMES:
+        for source in tiny_models.SDXL_SOURCES:
+            if source == "diffusers":
+                src, config = tiny_models.write_diffusers_folder(name, str(root / f"{name}-src")), None
+            else:  # head counts of the tiny models are not SDXL's 64-channel heads: given, not inferred
+                src = tiny_models.write_single_file(name, str(root / f"{name}.safetensors"))
+                config = tiny_models.fixture_dir(name)
+            folder = convert_checkpoint(src, str(root / f"{name}-{source}"), config=config, log=lambda *_: None)
+            out[(name, source)] = Text2Image(model=folder, img_height=64, img_width=64, prompt_syntax="plain")
+    return out

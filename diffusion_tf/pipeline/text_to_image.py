@@ -23,7 +23,8 @@ from diffusion_tf.prompts import syntax, textual_inversion
 from diffusion_tf.prompts.conditioning import TextConditioning
 from diffusion_tf.presets.resolve import resolve_model
 from diffusion_tf.pipeline.request import (  # noqa: F401  (MAX_*: public constants of this module)
-    MAX_PIXELS, MAX_SEED, MAX_STEPS, GenerationRequest, check_attention, check_scheduler, check_size,
+    MAX_PIXELS, MAX_SEED, MAX_STEPS, MICRO_CONDITIONING, GenerationRequest, check_attention, check_scheduler,
+    check_size,
     negative_list, prompt_list,
 )
 
@@ -602,7 +603,15 @@ class Text2Image:
 
     # ------------------------------------------------------------ generate's helpers
     def _check_editing(self, request, edit, init_latents):
-        """A refiner edits only; `denoising_start` needs something to start from."""
+        """A refiner edits only; `denoising_start` needs something to start from; micro-conditioning
+        is for SDXL models only (an SD 1.x/2.x UNet has no input for it: a value would be lost)."""
+        if not self.is_xl:
+            given = [f for f in MICRO_CONDITIONING
+                     if getattr(request, f) != GenerationRequest.__dataclass_fields__[f].default]
+            if given:
+                raise ValueError(
+                    f"{', '.join(f'{f}={getattr(request, f)!r}' for f in given)}: micro-conditioning is read by "
+                    f"SDXL models only; {self.model_path!r} is an SD 1.x/2.x model (leave them unset).")
         if edit is None and init_latents is None:
             if self.is_refiner:
                 raise ValueError(

@@ -70,6 +70,8 @@ BAD_GENERATE = [
     ({"latents": "nan"}, "NaN or Inf"),
     ({"latents": "inf"}, "NaN or Inf"),
     ({"latents": "shape"}, "latents has shape (1, 4, 4, 4)"),
+    ({"original_size": (512, 512)}, "original_size=(512, 512): micro-conditioning is read by SDXL models only"),
+    ({"aesthetic_score": 7}, "aesthetic_score=7.0: micro-conditioning is read by SDXL models only"),
 ]
 
 

@@ -288,3 +288,50 @@ def test_a1111_module_does_not_import_tensorflow():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+# SDXL's micro-conditioning, guidance rescale and the hand-off bounds (diffusers' names).
+PAIR_SIZE = "a pair of integers (height, width in pixels) between 1 and 16384"
+PAIR_CROP = "a pair of integers (top, left in pixels) between 0 and 16384"
+UNIT = "a number strictly between 0 and 1 (the share of the schedule)"
+
+
+@pytest.mark.parametrize("field,value,allowed", [
+    ("original_size", (0, 1024), PAIR_SIZE),
+    ("original_size", (1024,), PAIR_SIZE),
+    ("target_size", (1024, 16385), PAIR_SIZE),
+    ("target_size", (512.5, 512), PAIR_SIZE),
+    ("negative_original_size", "1024x1024", PAIR_SIZE),
+    ("negative_target_size", (-8, 8), PAIR_SIZE),
+    ("crops_coords_top_left", (-1, 0), PAIR_CROP),
+    ("negative_crops_coords_top_left", (0, 16385), PAIR_CROP),
+    ("aesthetic_score", 10.5, "a number between 0 and 10 (inclusive)"),
+    ("negative_aesthetic_score", float("nan"), "a number between 0 and 10 (inclusive)"),
+    ("guidance_rescale", 1.2, "a number between 0 and 1 (inclusive)"),
+    ("denoising_end", 1.0, UNIT),
+    ("denoising_end", 0, UNIT),
+    ("denoising_start", -0.2, UNIT),
+    ("denoising_start", True, UNIT),
+])
+def test_sdxl_rules_name_the_value_and_what_is_allowed(field, value, allowed):
+    with pytest.raises(RequestError) as e:
+        GenerationRequest("a cat", **{field: value}).validate(names={})
+    assert (e.value.field, e.value.allowed) == (field, allowed)
+    assert str(e.value) == f"{field}={value!r}; must be {allowed}."
+
+
+def test_sdxl_values_in_range_are_kept():
+    r = GenerationRequest("a cat", original_size=[1024, 768], crops_coords_top_left=(0, 0), target_size=(16384, 1),
+                          aesthetic_score=0, guidance_rescale=1, denoising_start=0.8).validate(names={})
+    assert (r.original_size, r.crops_coords_top_left, r.target_size) == ((1024, 768), (0, 0), (16384, 1))
+    assert (r.aesthetic_score, r.guidance_rescale, r.denoising_start) == (0, 1, 0.8)
+
+
+@pytest.mark.parametrize("text,value", [("1024,768", (1024, 768)), ("1024x768", (1024, 768)), (" 8 , 16 ", (8, 16))])
+def test_pairs_parse_from_text(text, value):
+    assert rules.parse("original_size", text) == value
+
+
+def test_denoising_start_must_come_before_the_end():
+    with pytest.raises(ValueError, match=r"denoising_start=0.8 >= denoising_end=0.5"):
+        GenerationRequest("a cat", denoising_start=0.8, denoising_end=0.5).validate(names={})

@@ -24,34 +24,12 @@ from support.parity import assert_close
 
 pytestmark = pytest.mark.xdist_group("sdxl")
 
-SOURCES = ("diffusers",)  # TEMP
-CASES = [(name, source) for name in tiny_models.SDXL_NAMES for source in SOURCES]
+CASES = [(name, source) for name in tiny_models.SDXL_NAMES for source in tiny_models.SDXL_SOURCES]
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    from weights_port.convert import convert_checkpoint
-
-    root = tmp_path_factory.mktemp("sdxl")
-    out = {}
-    for name in tiny_models.SDXL_NAMES:
-        for source in SOURCES:
-            if source == "diffusers":
-                src, config = tiny_models.write_diffusers_folder(name, str(root / f"{name}-src")), None
-            else:  # head counts of the tiny models are not SDXL's 64-channel heads: given, not inferred
-                src = tiny_models.write_single_file(name, str(root / f"{name}.safetensors"))
-                config = tiny_models.fixture_dir(name)
-            out[(name, source)] = convert_checkpoint(src, str(root / f"{name}-{source}"), config=config,
-                                                     log=lambda *_: None)
-    return out
-
-
-@pytest.fixture(scope="module")
-def pipelines(converted):
-    from diffusion_tf import Text2Image
-
-    return {key: Text2Image(model=folder, img_height=64, img_width=64, prompt_syntax="plain")
-            for key, folder in converted.items()}
+def pipelines(tiny_sdxl_pipes):
+    return tiny_sdxl_pipes
 
 
 def ref_of(name):
@@ -110,7 +88,12 @@ def base_args(ref, **kw):
     return args
 
 
-@pytest.mark.parametrize("case", ["gen_neg", "gen_none", "gen_cond"])
+# Each case compiles its own loop (~12 s here): the default run keeps one of each kind, the rest run
+# with the heavy checks (CI's second step).
+HEAVY = pytest.mark.heavy
+
+
+@pytest.mark.parametrize("case", ["gen_neg", pytest.param("gen_none", marks=HEAVY), pytest.param("gen_cond", marks=HEAVY)])
 def test_text_to_image(pipelines, case):
     ref = ref_of("tiny-sdxl")
     meta = ref["meta"]
@@ -124,6 +107,7 @@ def test_text_to_image(pipelines, case):
     assert_image(out, ref[f"{case}_image"], case)
 
 
+@HEAVY
 def test_no_negative_prompt_is_not_the_empty_prompt(pipelines):
     """force_zeros_for_empty_prompt: zeros, not the encoded "" (which would change the image)."""
     ref = ref_of("tiny-sdxl")
@@ -147,7 +131,9 @@ def test_base_to_refiner_hand_off(pipelines):
     assert_image(out, refiner_ref["handoff_image"], "refiner from the base's latents")
 
 
-EDITING = [(name, case["name"], case["kind"], case["strength"])
+DEFAULT_EDITING = {("tiny-sdxl", "img2img_0.6"), ("tiny-sdxl-inpaint", "inpaint_1.0"), ("tiny-sdxl-inpaint", "inpaint_0.75")}
+EDITING = [pytest.param(name, case["name"], case["kind"], case["strength"],
+                        marks=() if (name, case["name"]) in DEFAULT_EDITING else HEAVY)
            for name in tiny_models.SDXL_NAMES for case in ref_of(name)["meta"]["cases"] if "strength" in case]
 
 
