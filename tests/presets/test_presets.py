@@ -15,7 +15,9 @@ from diffusion_tf.presets import PresetUnavailableError, registry
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PRESET_DIR = ROOT / "diffusion_tf" / "presets"
-NAMES = ["sd-v1-5", "sd-v2-1", "sd-v2-1-base"]
+SD_NAMES = ["sd-v1-5", "sd-v2-1", "sd-v2-1-base"]
+SDXL_NAMES = ["sdxl-base-1.0", "sdxl-refiner-1.0", "sdxl-turbo"]
+NAMES = SD_NAMES + SDXL_NAMES
 
 TOP_KEYS = {"name", "description", "checkpoint", "license", "default_size", "configs"}
 CHECKPOINT_KEYS = {"url", "filename", "sha256", "size_bytes"}
@@ -41,7 +43,19 @@ CONFIG_KEYS = {
     "tokenizer": {"pad_token_id", "context_length"},
 }
 # First 10 hex digits of each file's sha256 (the "model hash" AUTOMATIC1111's web UI shows).
-SHORT_HASHES = {"sd-v1-5": "6ce0161689", "sd-v2-1": "dcd690123c", "sd-v2-1-base": "df955bdf6b"}
+SHORT_HASHES = {"sd-v1-5": "6ce0161689", "sd-v2-1": "dcd690123c", "sd-v2-1-base": "df955bdf6b",
+                "sdxl-base-1.0": "31e35c80fc", "sdxl-refiner-1.0": "7440042bbd", "sdxl-turbo": "e869ac7d69"}
+# SDXL's sections beyond SD's: the second encoder and tokenizer (the refiner has only these), the
+# pipeline flags of model_index.json, the folder's generation defaults.
+SDXL_UNET_KEYS = CONFIG_KEYS["unet"] | {"transformer_layers_per_block", "addition_embed_type",
+                                        "addition_time_embed_dim", "projection_class_embeddings_input_dim"}
+SDXL_CONFIG_KEYS = {
+    "text_encoder": CONFIG_KEYS["text_encoder"],
+    "text_encoder_2": CONFIG_KEYS["text_encoder"] | {"projection_dim", "bos_token_id", "eos_token_id", "pad_token_id"},
+    "unet": SDXL_UNET_KEYS, "vae": CONFIG_KEYS["vae"] | {"force_upcast"}, "scheduler": CONFIG_KEYS["scheduler"],
+    "tokenizer": CONFIG_KEYS["tokenizer"], "tokenizer_2": CONFIG_KEYS["tokenizer"],
+    "pipeline": None, "defaults": {"num_steps", "guidance", "scheduler"},
+}
 
 
 @pytest.fixture
@@ -93,14 +107,16 @@ def test_preset_file_has_all_fields(name):
     assert ck["filename"].endswith(".safetensors")
     assert ck["sha256"] is None or (len(ck["sha256"]) == 64 and set(ck["sha256"]) <= set("0123456789abcdef"))
     assert ck["size_bytes"] is None or ck["size_bytes"] > 10**9
-    assert set(p["configs"]) == set(CONFIG_KEYS)
-    for component, keys in CONFIG_KEYS.items():
-        assert set(p["configs"][component]) == keys, component
+    expected = CONFIG_KEYS if name in SD_NAMES else {
+        k: v for k, v in SDXL_CONFIG_KEYS.items() if name != "sdxl-refiner-1.0" or k not in ("text_encoder", "tokenizer")}
+    assert set(p["configs"]) == set(expected)
+    for component, keys in expected.items():
+        assert keys is None or set(p["configs"][component]) == keys, component
     h, w = p["default_size"]
     assert h == w and h % 64 == 0
     # The UNet's latent sample size is the default image size / 8.
     assert p["configs"]["unet"]["sample_size"] * 8 == h
-    assert p["configs"]["tokenizer"]["context_length"] == 77
+    assert p["configs"].get("tokenizer", p["configs"].get("tokenizer_2"))["context_length"] == 77
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -154,6 +170,49 @@ def test_sd21_768_vs_base():
     assert v["default_size"] == [768, 768] and base["default_size"] == [512, 512]
     assert v["checkpoint"]["filename"] == "v2-1_768-ema-pruned.safetensors"
     assert base["checkpoint"]["filename"] == "v2-1_512-ema-pruned.safetensors"
+
+
+@pytest.mark.parametrize("name", SDXL_NAMES)
+def test_sdxl_values(name):
+    """The official diffusers configs of stabilityai's SDXL repositories, field by field where they differ."""
+    p = presets.get_preset(name)
+    c = p["configs"]
+    refiner = name == "sdxl-refiner-1.0"
+    assert c["text_encoder_2"]["hidden_size"] == 1280 and c["text_encoder_2"]["num_hidden_layers"] == 32
+    assert c["text_encoder_2"]["num_attention_heads"] == 20 and c["text_encoder_2"]["projection_dim"] == 1280
+    assert c["text_encoder_2"]["hidden_act"] == "gelu" and c["text_encoder_2"]["eos_token_id"] == 2
+    assert c["tokenizer_2"]["pad_token_id"] == 0  # pads with "!"
+    u = c["unet"]
+    assert u["addition_embed_type"] == "text_time" and u["addition_time_embed_dim"] == 256
+    assert u["use_linear_projection"] is True
+    if refiner:
+        assert "text_encoder" not in c and "tokenizer" not in c
+        assert u["block_out_channels"] == [384, 768, 1536, 1536] and u["transformer_layers_per_block"] == 4
+        assert u["attention_head_dim"] == [6, 12, 24, 24] and u["cross_attention_dim"] == 1280
+        assert u["projection_class_embeddings_input_dim"] == 1280 + 5 * 256  # pooled + 5 time ids
+        assert c["pipeline"] == {"force_zeros_for_empty_prompt": False, "requires_aesthetics_score": True}
+    else:
+        assert c["text_encoder"]["hidden_size"] == 768 and c["tokenizer"]["pad_token_id"] == 49407
+        assert u["block_out_channels"] == [320, 640, 1280] and u["transformer_layers_per_block"] == [1, 2, 10]
+        assert u["attention_head_dim"] == [5, 10, 20] and u["cross_attention_dim"] == 768 + 1280
+        assert u["down_block_types"][0] == "DownBlock2D"  # the first level has no attention
+        assert u["projection_class_embeddings_input_dim"] == 1280 + 6 * 256
+        assert c["pipeline"] == {"force_zeros_for_empty_prompt": True}
+    assert c["vae"]["scaling_factor"] == 0.13025 and c["vae"]["force_upcast"] is True
+    if name == "sdxl-turbo":
+        assert p["default_size"] == [512, 512] and c["scheduler"]["timestep_spacing"] == "trailing"
+        assert c["defaults"] == {"num_steps": 1, "guidance": 0.0, "scheduler": "euler_a"}
+    else:
+        assert p["default_size"] == [1024, 1024] and c["scheduler"]["timestep_spacing"] == "leading"
+        assert c["defaults"] == {"num_steps": 50, "guidance": 5.0, "scheduler": "euler"}  # diffusers' defaults
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_preset_configs_are_accepted_by_the_converter(name):
+    from weights_port.convert import given_configs
+
+    configs = given_configs(presets.get_preset(name)["configs"])
+    assert "scheduler" in configs
 
 
 # ---------------------------------------------------------------- the API
