@@ -11,13 +11,15 @@ def build_parser():
     p = argparse.ArgumentParser(
         prog="python -m weights_port",
         description=(
-            "Convert a Stable Diffusion 1.x/2.x checkpoint into a diffusion_tf model folder "
+            "Convert a Stable Diffusion 1.x/2.x or SDXL (base, refiner, inpainting) checkpoint into a "
+            "diffusion_tf model folder "
             "that Text2Image(model=DST) and text2image.py --model DST load. Nothing from the "
             "checkpoint is executed: .ckpt pickles are read by a restricted unpickler."
         ),
     )
     p.add_argument("src", help="a diffusers folder (model_index.json, unet/, vae/, text_encoder/, "
-                   "tokenizer/, scheduler/) or an original single file (.safetensors or .ckpt)")
+                   "tokenizer/, scheduler/; SDXL: text_encoder_2/, tokenizer_2/) or an original single file "
+                   "(.safetensors or .ckpt: the LDM layout of SD 1.x/2.x, Stability's SGM layout of SDXL)")
     p.add_argument("dst", help="the model folder to write (must not exist unless --overwrite)")
     p.add_argument("--config", help="architecture: a diffusers-style folder or a preset name "
                    "(sd-v1-5, sd-v2-1-base, sd-v2-1); default: read from SRC or inferred from key shapes")

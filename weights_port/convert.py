@@ -17,7 +17,7 @@ import numpy as np
 from weights_port import clip_keys, unet_keys, vae_keys
 from weights_port.checkpoint import read_checkpoint
 from weights_port.errors import CheckpointError
-from weights_port.infer import SD_SCHEDULER, describe, infer_configs
+from weights_port.infer import SD_SCHEDULER, describe, infer_configs, sdxl_variant
 from weights_port.key_table import resolve
 from weights_port.safetensors_reader import read_safetensors_metadata
 
@@ -37,6 +37,11 @@ UNUSED_ORIGINAL = (
     r"^cond_stage_model\.model\.transformer\.resblocks\.\d+\.",  # layers past the penultimate (SD 2.x)
     r"^model\.diffusion_model\..*num_batches_tracked$",
     r"^cond_stage_model\.transformer\.(text_model\.)?(embeddings\.position_ids)$",
+    # SDXL (SGM layout): buffers of the text towers and the denoiser's noise schedule. Unlike SD 2.x
+    # every OpenCLIP layer is a weight here, so no resblock is allowed to go unused.
+    r"^conditioner\.embedders\.\d+\.transformer\.(text_model\.)?embeddings\.position_ids$",
+    r"^conditioner\.embedders\.\d+\.model\.(logit_scale|attn_mask)$",
+    r"^denoiser\.(sigmas|log_sigmas)$",
 )
 
 
@@ -109,7 +114,7 @@ def folder_configs(folder):
 
 
 CONFIG_SECTIONS = ("text_encoder", "text_encoder_2", "unet", "vae", "scheduler", "tokenizer", "tokenizer_2",
-                   "pipeline")
+                   "pipeline", "defaults")
 DEFAULT_TOKENIZER = {"pad_token_id": 49407, "context_length": 77}
 
 
@@ -182,6 +187,26 @@ def _family(configs):
     return "sd2" if te.get("hidden_act") == "gelu" else "sd1"
 
 
+def _kind(family, sdxl):
+    """A model kind for messages: the family, SDXL split into base (the inpainting model too)
+    and refiner."""
+    return f"sdxl-{sdxl}" if family == "sdxl" else family
+
+
+def _config_kind(configs):
+    family = _family(configs)
+    return _kind(family, "base" if "text_encoder" in configs else "refiner")
+
+
+KIND_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl-base": "SDXL base", "sdxl-refiner": "SDXL refiner"}
+KIND_ENCODERS = {
+    "sd1": "CLIP ViT-L text encoder",
+    "sd2": "OpenCLIP text encoder",
+    "sdxl-base": "CLIP ViT-L and OpenCLIP bigG text encoders",
+    "sdxl-refiner": "the OpenCLIP bigG text encoder alone",
+}
+
+
 # ---------------------------------------------------------------- conversion
 def build_models(configs):
     """{component: unweighted network with all variables created} for `configs` (as from
@@ -200,20 +225,26 @@ def _tables(models, configs, single_file, family):
         tables = {c: clip_keys.hf_table(keys[c]) for c in TEXT_ENCODERS if c in keys}
         tables.update(unet=unet_keys.diffusers_table(keys["unet"]), vae=vae_keys.diffusers_table(keys["vae"]))
         return tables
+    tables = {"unet": unet_keys.table(keys["unet"], configs["unet"]), "vae": vae_keys.table(keys["vae"], configs["vae"])}
+    if family == "sdxl":  # SGM: the base's two towers, the refiner's bigG alone (at embedders.0)
+        if "text_encoder" in keys:
+            tables["text_encoder"] = clip_keys.hf_table(keys["text_encoder"], clip_keys.SGM_HF_PREFIX)
+            big_g = clip_keys.SGM_OPENCLIP_PREFIX
+        else:
+            big_g = clip_keys.SGM_REFINER_OPENCLIP_PREFIX
+        tables["text_encoder_2"] = clip_keys.openclip_table(keys["text_encoder_2"], big_g)
+        return tables
     text = (
         clip_keys.openclip_table(keys["text_encoder"])
         if family == "sd2"
         else clip_keys.hf_table(keys["text_encoder"], clip_keys.HF_PREFIX)
     )
-    return {
-        "text_encoder": text,
-        "unet": unet_keys.table(keys["unet"], configs["unet"]),
-        "vae": vae_keys.table(keys["vae"], configs["vae"]),
-    }
+    return dict(tables, text_encoder=text)
 
 
 def original_tables(models, configs):
-    """Key tables of a single-file checkpoint for `models` (used by tests to write one)."""
+    """Key tables of a single-file checkpoint for `models` (used by tests to write one): the
+    LDM layout of SD 1.x/2.x, Stability's SGM layout for SDXL."""
     return _tables(models, configs, True, _family(configs))
 
 
@@ -266,12 +297,13 @@ def convert_checkpoint(src, dst, config=None, prediction_type=None, dtype="float
         tensors = read_checkpoint(src)
         shapes = {k: v.shape for k, v in tensors.items()}
         family = describe(shapes)
+        kind = _kind(family, sdxl_variant(shapes) if family == "sdxl" else None)
         configs = given_configs(config) if config is not None else infer_configs(shapes)
-        if config is not None and _family(configs) != family:
+        if config is not None and _config_kind(configs) != kind:
             raise CheckpointError(
-                f"{src} looks like an {family.upper()}.x checkpoint "
-                f"({'OpenCLIP' if family == 'sd2' else 'CLIP ViT-L'} text encoder) but "
-                f"{_config_label(config, config_name)} describes an {_family(configs).upper()}.x model."
+                f"{src} looks like an {KIND_LABELS[kind]} checkpoint ({KIND_ENCODERS[kind]}) but "
+                f"{_config_label(config, config_name)} describes an {KIND_LABELS[_config_kind(configs)]} model "
+                f"({KIND_ENCODERS[_config_kind(configs)]}); pass a config of the same kind, or none to infer it."
             )
         sources = {c: tensors for c in components(configs)}
     else:
@@ -309,7 +341,7 @@ def convert_checkpoint(src, dst, config=None, prediction_type=None, dtype="float
         for name in models
     }
     folder_config["unet"].pop("attention", None)
-    folder_config.update({s: configs[s] for s in ("tokenizer", "tokenizer_2", "pipeline") if s in configs})
+    folder_config.update({s: configs[s] for s in ("tokenizer", "tokenizer_2", "pipeline", "defaults") if s in configs})
     folder_config.update(
         scheduler=configs["scheduler"],
         source=os.path.basename(os.path.abspath(src)),

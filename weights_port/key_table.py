@@ -5,6 +5,9 @@ A key table maps each of our keys (diffusers names, PyTorch layouts) to a
 optional operation. The operations are the complete list of layout changes:
 
     split(i, n)   part i of n along axis 0 (OpenCLIP's fused in_proj q/k/v)
+    transpose     the 2-D checkpoint tensor transposed (OpenCLIP's `text_projection`
+                  is stored [hidden, projection], transformers' `text_projection.weight`
+                  [projection, hidden]); applied before the reshape below
     (reshape)     drops or adds trailing 1x1 dims when only they differ
                   (VAE attention stored as 1x1 convs; proj_in as conv or linear)
 """
@@ -20,6 +23,7 @@ from weights_port.errors import CheckpointError
 class Source:
     keys: tuple
     split: tuple = None  # (index, parts)
+    transpose: bool = False  # the checkpoint tensor is our weight transposed (2-D)
 
     def find(self, tensors):
         for key in self.keys:
@@ -59,6 +63,10 @@ def resolve(table, tensors, shapes, what):
                 )
             size = value.shape[0] // parts
             value = value[index * size : (index + 1) * size]
+        if source.transpose:
+            if value.ndim != 2:
+                raise CheckpointError(f"{found}: expected a 2-D tensor to transpose, got shape {value.shape}.")
+            value = value.T
         state[key] = squeeze_to(value, shapes[key], found)
     if missing:
         raise CheckpointError(
@@ -75,10 +83,13 @@ def invert(table, state_dict, extra=None):
     out, fused = {}, {}
     for key, source in table.items():
         target = source.keys[0]
+        value = np.asarray(state_dict[key])
+        if source.transpose:
+            value = np.ascontiguousarray(value.T)
         if source.split is None:
-            out[target] = state_dict[key]
+            out[target] = value
         else:
-            fused.setdefault(target, {})[source.split[0]] = state_dict[key]
+            fused.setdefault(target, {})[source.split[0]] = value
     for target, parts in fused.items():
         out[target] = np.concatenate([parts[i] for i in sorted(parts)], axis=0)
     out.update(extra or {})

@@ -7,7 +7,12 @@ Original layout (latent-diffusion's openaimodel.UNetModel):
     middle_block.0 / .1 / .2             resnet, transformer, resnet
     output_blocks.<k>.0 / .1 / .{1|2}    resnet / transformer / upsampler
     time_embed.0 / .2, out.0 / .2        time MLP, final norm and conv
-with <k> counting resnets (+1 per downsampler) across levels.
+    label_emb.0.0 / .0.2                 SDXL's added-condition MLP (our add_embedding)
+with <k> counting resnets (+1 per downsampler) across levels. Everything is read from
+the diffusers config: resnets per level (`layers_per_block`), which levels have a
+transformer (`down_block_types` / `up_block_types`: SDXL's first level has none, the
+refiner's last neither), so the upsampler is `.2` after a transformer and `.1` without;
+the transformer depth only numbers `transformer_blocks.<t>`, the same in both layouts.
 """
 
 import re
@@ -45,6 +50,8 @@ def original_key(key, config):
         "conv_in.": "input_blocks.0.0.",
         "time_embedding.linear_1.": "time_embed.0.",
         "time_embedding.linear_2.": "time_embed.2.",
+        "add_embedding.linear_1.": "label_emb.0.0.",
+        "add_embedding.linear_2.": "label_emb.0.2.",
         "conv_norm_out.": "out.0.",
         "conv_out.": "out.2.",
     }

@@ -20,6 +20,7 @@ from support.torch_format import save_torch_zip
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures")
 NAMES = ("tiny-sd1", "tiny-sd2")
 SDXL_NAMES = ("tiny-sdxl", "tiny-sdxl-refiner", "tiny-sdxl-inpaint")
+SDXL_SOURCES = ("diffusers", "sgm")  # a diffusers folder; an SGM single file (write_single_file)
 
 
 def fixture_dir(name):
@@ -82,7 +83,10 @@ def write_diffusers_folder(name, dst):
 
 
 def original_state_dict(name):
-    """The tiny model in the original single-file layout (with the usual extra entries)."""
+    """The tiny model in the original single-file layout (with the usual extra entries): LDM for
+    SD 1.x/2.x, Stability's SGM layout for SDXL (`sgm_state_dict`)."""
+    if name in SDXL_NAMES:
+        return sgm_state_dict(name)
     from weights_port.convert import original_tables
     from weights_port.key_table import invert
 
@@ -109,6 +113,31 @@ def original_state_dict(name):
         out["cond_stage_model.model.logit_scale"] = np.array(4.6, dtype="float32")
     else:
         out["cond_stage_model.transformer.text_model.embeddings.position_ids"] = np.arange(77)[None]
+    return out
+
+
+def sgm_state_dict(name):
+    """An SDXL tiny model as sd_xl_base_1.0.safetensors / sd_xl_refiner_1.0.safetensors lay it
+    out: model.diffusion_model.* (label_emb too), first_stage_model.*, the base's
+    conditioner.embedders.0.transformer.text_model.* (CLIP ViT-L) and .1.model.* (OpenCLIP bigG,
+    fused in_proj, every layer, text_projection [hidden, projection]), the refiner's bigG at
+    conditioner.embedders.0.model.*, plus the entries real files carry that are not weights
+    (the ViT-L's position_ids, the bigG's logit_scale). No model_ema, no DDPM buffers."""
+    from weights_port.convert import original_tables
+    from weights_port.key_table import invert
+
+    configs, models, state = weights(name)
+    tables = original_tables(models, configs)
+    out = {}
+    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if component in state:
+            out.update(invert(tables[component], state[component]))
+    if "text_encoder" in state:
+        out["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = np.arange(77)[None]
+        big_g = "conditioner.embedders.1.model."
+    else:
+        big_g = "conditioner.embedders.0.model."
+    out[big_g + "logit_scale"] = np.array(4.6052, dtype="float32")
     return out
 
 
