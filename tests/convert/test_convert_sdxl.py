@@ -20,6 +20,8 @@ import pytest
 
 from support import tiny_models
 
+pytestmark = pytest.mark.xdist_group("sdxl-convert")  # one worker builds the module's conversions once
+
 SHAPES = os.path.join(tiny_models.FIXTURES, "sdxl-shapes")
 FULL_SIZE = ("sd_xl_base_1.0", "sd_xl_refiner_1.0")
 QUIET = dict(log=lambda *_: None)
