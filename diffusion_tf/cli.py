@@ -243,6 +243,31 @@ def build_parser():
         help="with --init-image: extend the canvas, e.g. left=128,right=0,top=64,bottom=0 (pixels, "
         "multiples of 8) and paint the new area (strength 1); the old area is kept.",
     )
+    xl = p.add_argument_group(
+        "SDXL", "micro-conditioning and the base + refiner ensemble (diffusers' names and defaults; pairs as "
+        "H,W or HxW in pixels). SD 1.x/2.x models refuse them.")
+    for flag, what in (
+        ("--original-size", "the size the model is told the training image had. Default: the output size."),
+        ("--target-size", "the size the model is told to aim for. Default: the output size."),
+        ("--crops-coords-top-left", "TOP,LEFT: the crop the model is told the image was cut at. Default: 0,0."),
+        ("--negative-original-size", "original size of the unconditional pass. Default: --original-size."),
+        ("--negative-target-size", "target size of the unconditional pass. Default: --target-size."),
+        ("--negative-crops-coords-top-left", "crop of the unconditional pass. Default: --crops-coords-top-left."),
+    ):
+        xl.add_argument(flag, metavar="H,W", default=None, help=what)
+    xl.add_argument("--aesthetic-score", metavar="S", default=None,
+                    help="a refiner's aesthetic score, 0 to 10. Default: 6.0.")
+    xl.add_argument("--negative-aesthetic-score", metavar="S", default=None,
+                    help="a refiner's aesthetic score of the unconditional pass, 0 to 10. Default: 2.5.")
+    xl.add_argument("--guidance-rescale", metavar="F", default=None,
+                    help="rescale the guided output towards the conditional one's spread (Lin et al. 2023), "
+                    "0 to 1; any model. Default: 0 (off).")
+    xl.add_argument("--refiner", metavar="FOLDER|PRESET", default=None,
+                    help="an SDXL refiner (e.g. sdxl-refiner-1.0) that runs the last part of the schedule on the "
+                    "base's latents (diffusers' ensemble of experts); the base is released first.")
+    xl.add_argument("--denoising-end", metavar="F", default=None,
+                    help="with --refiner: the share of the schedule the base runs, strictly between 0 and 1 "
+                    "(A1111's 'Refiner switch at'). Default: 0.8.")
     p.scheduler_names = schedulers
     return p
 
@@ -253,7 +278,9 @@ FLAGS = {
     "num_steps": "--steps", "batch_size": "--batch-size", "guidance_scale": "--guidance",
     "temperature": "--temperature", "height": "--height", "width": "--width", "seed": "--seed",
     "strength": "--strength", "clip_skip": "--clip-skip",
+    **{f: "--" + f.replace("_", "-") for f in rules.MICRO_CONDITIONING + ("guidance_rescale", "denoising_end")},
 }
+DEFAULT_SWITCH = 0.8  # the base's share with --refiner (diffusers' and A1111's example value)
 EDIT_OPTIONS = {"init_image": "--init-image", "mask": "--mask", "outpaint": "--outpaint"}
 DESTS = {"num_steps": "steps", "guidance_scale": "guidance", "batch_size": "batch_size", "scheduler": "scheduler",
          "strength": "strength", "outpaint": "outpaint"}
@@ -305,6 +332,8 @@ def apply_png_parameters(parser, args, argv):
         parser.error(f"--from-png {path}: the image was inpainted; pass its mask with --mask")
     args.png_params = params
     used = {}
+    if params.get("refiner") and "--refiner" not in given:
+        args.refiner = used["--refiner"] = str(params["refiner"])
     for field, value in fields.items():
         setattr(args, _dest(field), value)
         used[_option(field)] = rules.format_outpaint(value) if field == "outpaint" else value
@@ -433,7 +462,15 @@ def validate(parser, args, argv=None):
         if path is not None and not os.path.isfile(path):
             parser.error(f"{option} {path}: no such file")
     outpaint = _outpaint(parser, args.outpaint)
+    if args.refiner is not None and not args.refiner:
+        parser.error("--refiner: must be a model folder or a preset name")
+    if values["denoising_end"] is not None and args.refiner is None:
+        parser.error(f"--denoising-end {args.denoising_end}: only with --refiner (the base hands its latents over)")
+    if args.refiner is not None and values["denoising_end"] is None:
+        values["denoising_end"] = DEFAULT_SWITCH
     plan_networks(parser, args)
+    defaults = GenerationRequest.__dataclass_fields__
+    values = {f: v for f, v in values.items() if v is not None or defaults[f].default is None}  # unset: the default
     request = GenerationRequest(
         args.prompt, negative_prompt=args.negative_prompt, scheduler=args.scheduler, init_image=args.init_image,
         mask=args.mask, outpaint=outpaint, model=args.model, attention=args.attention, **values,
@@ -583,6 +620,51 @@ def hash_warnings(args, loras, embeddings, t2i):
 
 
 # ---------------------------------------------------------------- main
+def generate_kwargs(request):
+    """Text2Image.generate's arguments (all but the prompts and callback) for a request."""
+    kw = dict(num_steps=request.num_steps, unconditional_guidance_scale=request.guidance_scale,
+              temperature=request.temperature, batch_size=request.batch_size, seed=request.seed,
+              init_image=request.init_image, strength=request.strength, mask=request.mask,
+              outpaint=request.outpaint, clip_skip=request.clip_skip)
+    kw.update({f: getattr(request, f) for f in rules.MICRO_CONDITIONING + ("guidance_rescale", "denoising_end")
+               if getattr(request, f) != GenerationRequest.__dataclass_fields__[f].default})
+    return kw
+
+
+def _base_then_refiner(t2i, request, args, bar, err):
+    """diffusers' ensemble of experts: the base denoises up to denoising_end and returns latents,
+    the refiner (loaded after the base's UNet is released: both would not fit many GPUs) runs the
+    rest from there with the same prompts, seed, steps and guidance. Returns (images, refiner label)."""
+    import gc
+
+    from diffusion_tf import presets
+    from diffusion_tf.pipeline import text_to_image
+    from diffusion_tf.prompts import syntax
+
+    kw = generate_kwargs(request)
+    latents = t2i.generate(args.prompt_text, negative_prompt=args.negative_text, callback=bar, output_type="latent",
+                           **kw)
+    bar.close()
+    t2i.unet = None
+    gc.collect()
+    err.write(f"loading refiner {args.refiner} ...\n")
+    err.flush()
+    refiner = text_to_image.Text2Image(model=args.refiner, jit_compile=args.jit_compile, attention=request.attention,
+                                       prompt_syntax=args.prompt_syntax, long_prompts=args.long_prompts)
+    if not refiner.is_xl:
+        raise ValueError(f"--refiner {args.refiner}: {refiner.model_path!r} is not an SDXL model.")
+    # The base's LoRAs (<lora:...> tags) are for the base's networks: the refiner reads the plain prompts.
+    plain = lambda text: text if text is None else syntax.extract_networks(text)[0]  # noqa: E731
+    for edit in ("init_image", "mask", "outpaint", "strength", "denoising_end"):
+        kw.pop(edit, None)
+    bar = ProgressBar(err)  # the refiner's steps: a bar of their own
+    images = refiner.generate(plain(args.prompt_text), negative_prompt=plain(args.negative_text), callback=bar,
+                              init_latents=latents, denoising_start=request.denoising_end,
+                              scheduler=request.scheduler, **kw)
+    bar.close()
+    return images, presets.model_label(args.refiner, refiner.model_path)
+
+
 def main(argv=None):
     """Run the command line; returns the exit code (0 ok, 1 write error, 2 bad input, 130 interrupted)."""
     parser = build_parser()
@@ -650,33 +732,25 @@ def main(argv=None):
             + (f"..{(request.seed + request.batch_size - 1) % (MAX_SEED + 1)}" if request.batch_size > 1 else "")
             + (f", clip skip {request.clip_skip}" if request.clip_skip else "")
             + (", XLA" if args.jit_compile else "")
+            + (f", refiner {args.refiner} from {request.denoising_end:g} of the schedule" if args.refiner else "")
             + "\n"
         )
         err.flush()
 
         bar = ProgressBar(err)
-        images = t2i.generate(
-            args.prompt_text,
-            negative_prompt=args.negative_text,
-            num_steps=request.num_steps,
-            unconditional_guidance_scale=request.guidance_scale,
-            temperature=request.temperature,
-            batch_size=request.batch_size,
-            seed=request.seed,
-            callback=bar,
-            init_image=request.init_image,
-            strength=request.strength,
-            mask=request.mask,
-            outpaint=request.outpaint,
-            clip_skip=request.clip_skip,
-        )
+        if args.refiner is None:
+            images = t2i.generate(args.prompt_text, negative_prompt=args.negative_text, callback=bar,
+                                  **generate_kwargs(request))
+        else:
+            images, refiner_name = _base_then_refiner(t2i, request, args, bar, err)
         bar.close()
         loras, embeddings = network_hashes(t2i, request, args)
         for line in hash_warnings(args, loras, embeddings, t2i):
             err.write(f"{prog}: warning: {line}\n")
         for path, image, seed in zip(paths, images, list(t2i.last_seeds)):
             params = rules.png_parameters(request, seed, image, t2i.scheduler.name, t2i.attention, name,
-                                          loras=loras, embeddings=embeddings)
+                                          loras=loras, embeddings=embeddings,
+                                          refiner=refiner_name if args.refiner is not None else None)
             try:
                 save_png(path, image, params)
                 written.append(path)

@@ -55,7 +55,8 @@ LABELS = {
 }
 _KEYS = {label: key for key, label in LABELS.items()}
 _INTS = ("steps", "seed", "clip_skip")
-_FLOATS = ("guidance", "temperature", "denoising_strength")
+_FLOATS = ("guidance", "temperature", "denoising_strength", "aesthetic_score", "negative_aesthetic_score",
+           "guidance_rescale", "refiner_switch_at")
 
 # `Label: value` where value is a JSON string or runs up to the next comma.
 _PARAM = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')

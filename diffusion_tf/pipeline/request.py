@@ -315,7 +315,16 @@ PNG_FIELDS = {
     "seed": "seed", "width": "width", "height": "height", "sampler": "scheduler", "model": "model",
     "attention": "attention", "temperature": "temperature", "denoising_strength": "strength",
     "outpaint": "outpaint", "clip_skip": "clip_skip",
+    # SDXL (recorded when not the default; pairs as "H,W"): micro-conditioning, guidance rescale, and the
+    # base's share of an ensemble of experts with A1111's label ("Refiner switch at"; the refiner's name
+    # is "Refiner", read by the callers that load it).
+    **{f: f for f in MICRO_CONDITIONING}, "guidance_rescale": "guidance_rescale",
+    "refiner_switch_at": "denoising_end",
 }
+
+
+def _format_pair(value):
+    return None if value is None else f"{int(value[0])},{int(value[1])}"
 
 
 def format_outpaint(margins):
@@ -343,14 +352,18 @@ def parse_outpaint(text):
     return check_outpaint(out)
 
 
-def png_parameters(request, seed, image, scheduler, attention, model, loras=(), embeddings=()):
+def png_parameters(request, seed, image, scheduler, attention, model, loras=(), embeddings=(), refiner=None):
     """The PNG parameters (a dict for `png_info.save_png`) of one image of a request:
     `seed` its own seed, `scheduler`/`attention`/`model` the names actually used. The prompt is
     recorded as the request holds it (`<lora:NAME:SCALE>` tags included); `loras` and `embeddings`:
     [(name, short hash)] of the LoRAs and textual-inversion tokens used (`Lora hashes`, `TI hashes`).
     The sampler and clip skip are written with A1111's names (`Sampler: DPM++ 2M, Schedule type:
-    Karras`, `Clip skip: 2` for clip_skip=1)."""
+    Karras`, `Clip skip: 2` for clip_skip=1). `refiner`: the name of the SDXL refiner that finished
+    the image (with `Refiner switch at`, the request's denoising_end)."""
     edited = request.init_image is not None
+    defaults = {f.name: f.default for f in dataclasses.fields(request)}
+    sdxl = {f: (_format_pair(getattr(request, f)) if "size" in f or "coords" in f else getattr(request, f))
+            for f in MICRO_CONDITIONING + ("guidance_rescale",) if getattr(request, f) != defaults[f]}
     sampler, schedule = a1111.sampler_to_a1111(scheduler) if scheduler is not None else (None, None)
     return {
         "prompt": request.prompt,
@@ -371,6 +384,9 @@ def png_parameters(request, seed, image, scheduler, attention, model, loras=(), 
         "ti_hashes": a1111.format_hashes(embeddings),
         "mask": "yes" if request.mask is not None else None,
         "outpaint": format_outpaint(request.outpaint),
+        **sdxl,
+        "refiner": refiner,
+        "refiner_switch_at": request.denoising_end,
     }
 
 
