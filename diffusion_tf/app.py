@@ -114,7 +114,7 @@ class Generator:
         return {
             "steps": pipe.defaults["num_steps"], "guidance": pipe.defaults["guidance"],
             "scheduler": pipe.scheduler.name, "width": pipe.img_width, "height": pipe.img_height,
-            "text_layers": pipe.text_layers,
+            "text_layers": pipe.text_layers, "xl": pipe.is_xl,
         }
 
     def lora_folder(self):
@@ -154,15 +154,19 @@ class Generator:
 
     def run(self, prompt, negative_prompt="", steps=None, guidance=None, seed=None, scheduler=None,
             width=None, height=None, batch=1, attention=None, init_image=None, strength=0.8, mask=None,
-            outpaint=None, clip_skip=None, loras=(), lora_scale=1.0, progress=None, session=None):
+            outpaint=None, clip_skip=None, loras=(), lora_scale=1.0, guidance_rescale=0.0, original_size=None,
+            target_size=None, crops_coords_top_left=None, progress=None, session=None):
         """Generate and save; returns [(path, caption)]. AppError for bad input, Cancelled when stopped.
 
         `clip_skip`: diffusers' (1 = A1111's Clip skip 2). `loras`: names of the LoRA folder's files,
         each merged at `lora_scale` as a `<lora:NAME:SCALE>` tag added to the prompt (a name the prompt
-        already tags keeps the prompt's scale); the PNG records that prompt and the LoRAs' hashes."""
+        already tags keeps the prompt's scale); the PNG records that prompt and the LoRAs' hashes.
+        SDXL: `original_size`, `target_size`, `crops_coords_top_left` as "H,W" text or pairs (blank: the
+        default), `guidance_rescale` 0 to 1 (any model)."""
         import math
 
         from diffusion_tf import a1111
+        from diffusion_tf.pipeline import request as rules
         from diffusion_tf.pipeline.request import MAX_SEED, GenerationRequest, png_parameters
         from diffusion_tf.png_info import save_png
         from diffusion_tf.prompts.syntax import extract_networks
@@ -190,6 +194,17 @@ class Generator:
             added = [a1111.lora_tag(n, scale) for n in loras if n.lower() not in tagged]
             if added:
                 prompt = " ".join([prompt.rstrip()] + added)
+        micro = {}
+        for field, value in (("original_size", original_size), ("target_size", target_size),
+                             ("crops_coords_top_left", crops_coords_top_left)):
+            if isinstance(value, str):
+                value = value.strip() or None
+                if value is not None:
+                    try:
+                        value = rules.parse(field, value)
+                    except ValueError as e:
+                        raise AppError(str(e)) from None
+            micro[field] = value
         batch = int(batch)
         if not 1 <= batch <= MAX_BATCH:
             raise AppError(f"batch={batch}; allowed: 1 to {MAX_BATCH}.")
@@ -202,6 +217,7 @@ class Generator:
             width=None if editing or width is None else int(width), scheduler=scheduler, init_image=init_image,
             strength=strength, mask=mask, outpaint=outpaint, model=self.model, attention=attention,
             clip_skip=None if clip_skip is None else int(clip_skip),
+            guidance_rescale=float(guidance_rescale or 0.0), **micro,
         )
         try:
             request.validate()
@@ -332,13 +348,23 @@ def build_demo(generator, max_upload_mb=DEFAULT_MAX_UPLOAD_MB):
             loras = gr.Dropdown(lora_names, value=[], multiselect=True, elem_id=f"{tab}-loras",
                                 label=f"LoRAs (from {generator.lora_folder()}; or <lora:NAME:SCALE> in the prompt)")
             lora_scale = gr.Slider(-2, 2, value=1.0, step=0.05, label="LoRA scale", elem_id=f"{tab}-lora-scale")
+        with gr.Accordion("SDXL micro-conditioning (diffusers' defaults when blank)", open=False, visible=d["xl"]):
+            with gr.Row():
+                original = gr.Textbox(label="Original size (H,W)", elem_id=f"{tab}-original-size")
+                target = gr.Textbox(label="Target size (H,W)", elem_id=f"{tab}-target-size")
+                crops = gr.Textbox(label="Crop top-left (top,left)", elem_id=f"{tab}-crops")
+                rescale = gr.Slider(0, 1, value=0.0, step=0.05, label="Guidance rescale",
+                                    elem_id=f"{tab}-guidance-rescale")
         return dict(prompt=prompt, negative=negative, steps=steps, guidance=guidance, scheduler=scheduler,
                     seed=seed, random_seed=random_seed, batch=batch, attention=attention, width=width, height=height,
-                    clip_skip=clip_skip, loras=loras, lora_scale=lora_scale)
+                    clip_skip=clip_skip, loras=loras, lora_scale=lora_scale, original_size=original,
+                    target_size=target, crops_coords_top_left=crops, guidance_rescale=rescale)
 
     base_keys = ("prompt", "negative", "steps", "guidance", "scheduler", "seed", "random_seed", "batch", "attention",
                  "width", "height")
-    network_keys = ("clip_skip", "loras", "lora_scale")  # the last inputs of every tab, after the tab's own
+    # The last inputs of every tab, after the tab's own (API callers may leave them out: the page's defaults).
+    network_keys = ("clip_skip", "loras", "lora_scale", "original_size", "target_size", "crops_coords_top_left",
+                    "guidance_rescale")
 
     def common(c, values, network):
         keys = [k for k in base_keys if c[k] is not None]
@@ -351,6 +377,7 @@ def build_demo(generator, max_upload_mb=DEFAULT_MAX_UPLOAD_MB):
             width=v.get("width"), height=v.get("height"),
             clip_skip=max(int(n.get("clip_skip") or 1) - 1, 0),  # A1111's number on the page
             loras=list(n.get("loras") or []), lora_scale=n.get("lora_scale", 1.0),
+            **{k: n.get(k) for k in ("original_size", "target_size", "crops_coords_top_left", "guidance_rescale")},
         )
 
     def inputs_of(c, extra_inputs=()):
