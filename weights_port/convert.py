@@ -6,6 +6,7 @@ either used or listed as unused; any failure names the key and leaves nothing
 at the destination (the folder is built in a temporary sibling and renamed).
 """
 
+import collections.abc
 import functools
 import glob
 import json
@@ -260,15 +261,33 @@ class _Progress:
             self.log(f"{self.verb} {component}: {done}/{total} tensors ({100 * done // total}%)")
 
 
+class _AsFloat32(collections.abc.Mapping):
+    """The resolved tensors as float32, each converted when it is read: the sources are memory-mapped
+    views, so a conversion holds the networks plus one tensor (SDXL: 14 GB, not 24 or, from
+    float16 files, 21)."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def __getitem__(self, key):
+        return np.asarray(self.state[key]).astype(np.float32, copy=False)
+
+    def __iter__(self):
+        return iter(self.state)
+
+    def __len__(self):
+        return len(self.state)
+
+
 def _assign(models, tables, sources, what, log=_log):
-    from diffusion_tf.state_dict import get_state_dict, set_state_dict
+    from diffusion_tf.state_dict import set_state_dict, state_dict_shapes
 
     used = {}
     progress = _Progress(log, "assigning")
     for c in models:
-        shapes = {k: v.shape for k, v in get_state_dict(models[c]).items()}
+        shapes = state_dict_shapes(models[c])  # not get_state_dict: that copies every weight (SDXL: +14 GB)
         state, used[c] = resolve(tables[c], sources[c], shapes, f"{what} ({c})")
-        set_state_dict(models[c], {k: v.astype(np.float32) for k, v in state.items()}, f"{what} ({c})",
+        set_state_dict(models[c], _AsFloat32(state), f"{what} ({c})",
                        progress=functools.partial(progress, c))
     return used
 

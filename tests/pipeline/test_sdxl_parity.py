@@ -152,3 +152,23 @@ def test_editing(pipelines, name, case, kind, strength):
 def test_refiner_cannot_generate_from_noise(pipelines):
     with pytest.raises(ValueError, match="refiner"):
         pipelines[("tiny-sdxl-refiner", "diffusers")].generate("a cat", num_steps=2)
+
+
+@HEAVY
+def test_the_fused_xla_loop_and_other_schedulers_and_attention(pipelines):
+    """The SDXL pipeline is the SD one: the XLA loop gives the graph loop's image, every scheduler and
+    LinearAttention run (LinearAttention is an approximation: it only has to give a finite image)."""
+    from diffusion_tf import Text2Image
+
+    ref = ref_of("tiny-sdxl")
+    meta = ref["meta"]
+    folder = pipelines[("tiny-sdxl", "diffusers")].model_path
+    kw = base_args(ref, negative_prompt=meta["negative"], latents=ref["gen_neg_latents"])
+    xla = Text2Image(model=folder, img_height=64, img_width=64, prompt_syntax="plain", jit_compile=True)
+    assert_image(xla.generate(meta["prompts"][0], **kw), ref["gen_neg_image"], "XLA loop")
+    for scheduler in ("dpm++2m-karras", "euler_a", "ddim", "heun"):
+        out = xla.generate(meta["prompts"][0], **{**kw, "scheduler": scheduler, "num_steps": 3})
+        assert out.shape == (1, 64, 64, 3) and out.std() > 5, scheduler
+    linear = Text2Image(model=folder, img_height=64, img_width=64, attention="linear")
+    out = linear.generate(meta["prompts"][0], num_steps=3, seed=1)
+    assert out.shape == (1, 64, 64, 3) and out.std() > 5
