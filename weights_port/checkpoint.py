@@ -7,7 +7,7 @@ import numpy as np
 
 from .ckpt_reader import read_ckpt
 from .errors import CheckpointError
-from .safetensors_reader import read_safetensors
+from .safetensors_reader import read_safetensors, read_safetensors_mapped
 
 __all__ = ["read_checkpoint", "READERS"]
 
@@ -21,8 +21,9 @@ READERS = {
 }
 
 
-def read_checkpoint(path) -> dict[str, np.ndarray]:
-    """Dispatch on the file extension; raises CheckpointError for missing/unsupported files."""
+def read_checkpoint(path, mapped=False) -> dict[str, np.ndarray]:
+    """Dispatch on the file extension; raises CheckpointError for missing/unsupported files.
+    `mapped`: .safetensors tensors as read-only views of a memory map (the converter's way)."""
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
     reader = READERS.get(ext)
@@ -32,4 +33,6 @@ def read_checkpoint(path) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         what = "is not a file" if os.path.exists(path) else "does not exist"
         raise CheckpointError(f"{path}: checkpoint file {what}")
+    if mapped and reader is read_safetensors:
+        return read_safetensors_mapped(path)
     return reader(path)

@@ -60,7 +60,7 @@ def _component_weights(folder):
                 shards = sorted(set(json.load(f)["weight_map"].values()))
             out = {}
             for shard in shards:
-                out.update(read_checkpoint(os.path.join(folder, shard)))
+                out.update(read_checkpoint(os.path.join(folder, shard), mapped=True))
             return out
     for name in (
         "diffusion_pytorch_model.safetensors", "model.safetensors",
@@ -70,7 +70,7 @@ def _component_weights(folder):
     ):
         path = os.path.join(folder, name)
         if os.path.isfile(path):
-            return read_checkpoint(path)
+            return read_checkpoint(path, mapped=True)
     raise CheckpointError(f"no weights file (*.safetensors or *.bin) in {folder!r}.")
 
 
@@ -313,7 +313,7 @@ def convert_checkpoint(src, dst, config=None, prediction_type=None, dtype="float
     tokenizer_files = None
     if single_file:
         log(f"reading {src}")
-        tensors = read_checkpoint(src)
+        tensors = read_checkpoint(src, mapped=True)  # views of a memory map: not held in memory
         shapes = {k: v.shape for k, v in tensors.items()}
         family = describe(shapes)
         kind = _kind(family, sdxl_variant(shapes) if family == "sdxl" else None)

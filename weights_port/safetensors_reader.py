@@ -141,8 +141,9 @@ def read_safetensors_metadata(path) -> dict[str, dict]:
     return _parse(path)[0]
 
 
-def _decode(infos, data):
-    """{name: array} of the parsed header's tensors from the buffer `data` (a memory map or None)."""
+def _decode(infos, data, copy=True):
+    """{name: array} of the parsed header's tensors from the buffer `data` (a memory map or None);
+    copy=False: native-order tensors stay views of the map (file pages, not process memory)."""
     out = {}
     for name, info in infos.items():
         begin, end = info["data_offsets"]
@@ -150,7 +151,9 @@ def _decode(infos, data):
         if begin == end:
             arr = np.empty(info["shape"], disk)
         else:
-            arr = np.asarray(data[begin:end]).view(disk).reshape(info["shape"]).copy()
+            arr = np.asarray(data[begin:end]).view(disk).reshape(info["shape"])
+            if copy:
+                arr = arr.copy()
         if info["dtype"] == "BF16":  # (in place: a ufunc would turn a 0-d array into a scalar)
             arr = arr.astype(np.uint32)
             arr <<= 16
@@ -176,6 +179,14 @@ def _read(path, digest):
 def read_safetensors(path) -> dict[str, np.ndarray]:
     """All tensors of a .safetensors file as ``{name: np.ndarray}`` (copies, native byte order)."""
     return _read(path, digest=False)[0]
+
+
+def read_safetensors_mapped(path) -> dict[str, np.ndarray]:
+    """The tensors as read-only views of a memory map of the file (BF16, BOOL and foreign-order
+    tensors are converted copies): a converter reads a 14 GB SDXL file without holding it."""
+    infos, _, start, buf_len = _parse(path)
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(buf_len,)) if buf_len else None
+    return _decode(infos, data, copy=False)
 
 
 def read_safetensors_with_digest(path):
