@@ -172,3 +172,15 @@ def test_the_fused_xla_loop_and_other_schedulers_and_attention(pipelines):
     linear = Text2Image(model=folder, img_height=64, img_width=64, attention="linear")
     out = linear.generate(meta["prompts"][0], num_steps=3, seed=1)
     assert out.shape == (1, 64, 64, 3) and out.std() > 5
+
+
+@HEAVY
+def test_outpainting_with_the_9_channel_model(pipelines):
+    """Outpainting is inpainting on a grown canvas: the old area is the input's exactly."""
+    ref = ref_of("tiny-sdxl-inpaint")
+    pipe = pipelines[("tiny-sdxl-inpaint", "diffusers")]
+    out = pipe.generate("a photo", init_image=ref["image"], outpaint={"right": 16, "top": 8}, num_steps=3, seed=2,
+                        scheduler="euler")
+    assert out.shape == (1, 72, 80, 3)
+    np.testing.assert_array_equal(out[0, 8:, :64], ref["image"])
+    assert out[0, :8].std() > 1 and out[0, :, 64:].std() > 1
