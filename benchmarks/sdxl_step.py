@@ -5,11 +5,12 @@
 
 The sdxl-base-1.0 UNet (2.6 B parameters, float32) at batch 2 (classifier-free guidance) with its
 added conditions (pooled text embeddings and 6 time ids), random weights. One worker process per
-implementation (ours: tf.function with XLA, as `jit_compile=True`; ours-graph: without XLA;
-diffusers: eager), all alive at once and driven over a pipe: each size is first run once per
-worker (ours: trace + compile), then the repeats ALTERNATE between the workers, so a change in
-machine load hits them alike. Both frameworks get every core. A worker's peak resident memory
-(VmHWM) is its model plus its largest step; reported per worker after each size. Results:
+implementation and round (ours: tf.function with XLA, as `jit_compile=True`; ours-graph: without
+XLA; diffusers: eager), driven over a pipe, one alive at a time (each holds a 10 GB UNet: two
+do not fit 24 GiB with their activations), the ROUNDS alternating between implementations so
+that a change in machine load hits them alike: in each, every size runs once (ours: trace +
+compile) and then `--repeats` timed steps. Both frameworks get every core. A worker's peak
+resident memory (VmHWM) is its model plus its largest step. Results:
 benchmarks/results/sdxl_step-<sizes>.json and a Markdown table on stdout.
 """
 
@@ -117,35 +118,42 @@ def main():
     p.add_argument("--sizes", nargs="+", type=int, default=[512, 1024])
     p.add_argument("--impls", nargs="+", default=["ours-xla", "diffusers"],
                    choices=["ours-xla", "ours-graph", "diffusers"])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2, help="timed steps per size in each round")
+    p.add_argument("--rounds", type=int, default=2, help="fresh processes per implementation, alternating")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(args.worker, args.threads)
 
-    workers = [Worker(impl, args.threads) for impl in args.impls]  # one at a time: each holds 10 GB
-    results = {"preset": PRESET, "batch": 2, "threads": args.threads, "repeats": args.repeats,
+    results = {"preset": PRESET, "batch": 2, "threads": args.threads, "repeats": args.repeats, "rounds": args.rounds,
                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                "date": time.strftime("%Y-%m-%d"), "sizes": {}}
-    for size in args.sizes:
-        row = {w.impl: {"first_s": w.run(size)["seconds"], "times": []} for w in workers}
-        for _ in range(args.repeats):
-            for w in workers:
-                answer = w.run(size)
-                row[w.impl]["times"].append(answer["seconds"])
-                row[w.impl]["peak_rss_gib"] = answer["peak_rss_gib"]
-                row[w.impl]["finite"] = answer["finite"]
-        for impl, r in row.items():
+    rows = {size: {impl: {"first_s": [], "times": [], "peak_rss_gib": 0.0} for impl in args.impls}
+            for size in args.sizes}
+    # One worker alive at a time (each holds a 10 GB UNet; two do not fit 24 GiB with their
+    # activations): the ROUNDS alternate between implementations, each round a fresh process.
+    for _ in range(args.rounds):
+        for impl in args.impls:
+            w = Worker(impl, args.threads)
+            for size in args.sizes:
+                r = rows[size][impl]
+                r["first_s"].append(w.run(size)["seconds"])
+                for _ in range(args.repeats):
+                    answer = w.run(size)
+                    r["times"].append(answer["seconds"])
+                    r["finite"] = answer["finite"]
+                r["peak_rss_gib"] = max(r["peak_rss_gib"], answer["peak_rss_gib"])
+                print(json.dumps({"size": size, "impl": impl, **r}), flush=True)
+            w.close()
+    for size, row in rows.items():
+        for r in row.values():
             r["median_s"] = statistics.median(r["times"])
-            r["compile_s"] = r["first_s"] - r["median_s"]
+            r["compile_s"] = statistics.median(r["first_s"]) - r["median_s"]
         ref = row.get("diffusers", {}).get("median_s")
         for r in row.values():
             r["x_diffusers"] = r["median_s"] / ref if ref else None
         results["sizes"][size] = row
-        print(json.dumps({size: row}, indent=1), flush=True)
-    for w in workers:
-        w.close()
     os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
     out = os.path.join(ROOT, "benchmarks", "results", f"sdxl_step-{'-'.join(map(str, args.sizes))}.json")
     with open(out, "w") as f:
