@@ -9,7 +9,9 @@ Formats recognised (by their keys):
 kohya / A1111 (`kohya`)
     `lora_unet_<module>.lora_down.weight` / `.lora_up.weight` / `.alpha` (`lora_te_`, `lora_te1_`,
     `lora_te2_` for the text encoders); <module> is a module path with "." written "_", in
-    diffusers names or in the original LDM names (`input_blocks_1_1_...`). LoCon convolutions
+    diffusers names or in the original LDM names (`input_blocks_1_1_...`; kohya sd-scripts writes SDXL
+    LoRAs in SGM names, e.g. `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`: SDXL's first
+    level has no attention, the indices come from the model's own layout). LoCon convolutions
     (down [r, in, kh, kw], up [out, r, 1, 1]) and LyCORIS' CP/Tucker `lora_mid` [r, r, kh, kw].
     Update = alpha / rank * up @ down (alpha defaults to the rank).
 diffusers / PEFT (`peft`)

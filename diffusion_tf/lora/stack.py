@@ -196,7 +196,14 @@ class LoraStack:
                     parts.append(f"{component} width {index.torch_shape(q)[1]}")
         if "text_encoder_2" not in self.models:
             parts.append("no second text encoder")
-        return ", ".join(parts)
+        if unet is not None and getattr(unet, "needs_added_cond", False):  # SDXL's added conditions
+            family = "an SDXL model" if "text_encoder" in self.models else \
+                "an SDXL refiner: the second text encoder only"
+        elif unet is not None and "text_encoder_2" not in self.models:
+            family = "an SD 1.x/2.x model"
+        else:
+            family = None
+        return ", ".join(parts) + (f" ({family})" if family else "")
 
     def _resolve(self, path, fmt, updates):
         """[_Target] for every update, or LoraError listing what matches nothing / does not fit."""

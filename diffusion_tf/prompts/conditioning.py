@@ -221,11 +221,21 @@ class TextConditioning:
         elif len(self.towers) == 2 and set(textual_inversion.SDXL_KEYS) <= set(vectors):
             keys = list(textual_inversion.SDXL_KEYS)
         else:
-            wanted = ("clip_l and clip_g (an SDXL embedding)" if len(self.towers) == 2
-                      else "'text_encoder' (an SD 1.x/2.x embedding)")
+            sdxl_file = bool(set(vectors) & set(textual_inversion.SDXL_KEYS))
+            if len(self.towers) == 2:
+                wanted = "clip_l and clip_g (an SDXL embedding, one set of vectors per text encoder)"
+                hint = (" (an SD 1.x/2.x embedding on an SDXL model?)" if "text_encoder" in vectors else
+                        " (a clip_g-only file is for the SDXL refiner, which has only that encoder)"
+                        if "clip_g" in vectors else "")
+            elif self.pooled:
+                wanted = "clip_g (the SDXL refiner has only the second, OpenCLIP bigG, text encoder)"
+                hint = ""
+            else:
+                wanted = "'text_encoder' (an SD 1.x/2.x embedding)"
+                hint = " (an SDXL embedding on an SD 1.x/2.x model?)" if sdxl_file else ""
             raise textual_inversion.EmbeddingError(
-                f"embedding file {path!r} holds vectors for {', '.join(sorted(vectors))}; this model needs {wanted}"
-                + (" (an SDXL embedding on an SD 1.x/2.x model?)." if "clip_l" in vectors else "."))
+                f"embedding file {path!r} holds vectors for {', '.join(sorted(vectors))}; this model needs "
+                f"{wanted}{hint}.")
         matrices = [vectors[k] for k in keys]
         if len({len(m) for m in matrices}) != 1:
             raise textual_inversion.EmbeddingError(

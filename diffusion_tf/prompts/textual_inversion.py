@@ -5,7 +5,9 @@ unpickler, which refuses every global but tensor rebuilding and names the one it
 - A1111 `.pt`: {"string_to_param": {"*": [n, D]}, "name": ..., ...}; the token is its `name`;
 - A1111 `.safetensors`: {"emb_params": [n, D]}; the token is the file stem;
 - diffusers `learned_embeds.safetensors` / `.bin`: {token: [D] or [n, D]}; the token is the key;
-- SDXL `.safetensors`: {"clip_l": [n, 768], "clip_g": [n, 1280]}, one set of vectors per encoder.
+- SDXL `.safetensors`: {"clip_l": [n, 768], "clip_g": [n, 1280]}, one set of vectors per encoder
+  (the base needs both; the refiner, which has only the bigG encoder, reads clip_g, so a
+  clip_g-only file is for the refiner); the token is the file stem.
 A token given by the caller replaces the file's. Several vectors become the tokens `tok`, `tok_1`,
 ... (diffusers' rule); `tok` alone in a prompt stands for all of them.
 """
@@ -66,8 +68,9 @@ def read_embedding(path):
         return (name if isinstance(name, str) and name else None), {
             "text_encoder": _matrix(next(iter(params.values())), f"{path!r}: string_to_param")}
     tensors = {k: v for k, v in data.items() if isinstance(v, np.ndarray)}
-    if set(tensors) == set(SDXL_KEYS):
-        return None, {k: _matrix(tensors[k], f"{path!r}: {k}") for k in SDXL_KEYS}
+    if tensors and set(tensors) <= set(SDXL_KEYS) and (len(tensors) == len(SDXL_KEYS) or len(data) == 1):
+        # SDXL: both encoders' vectors, or one encoder's (a clip_g-only file is the refiner's)
+        return None, {k: _matrix(tensors[k], f"{path!r}: {k}") for k in SDXL_KEYS if k in tensors}
     if "emb_params" in tensors and len(tensors) == 1:  # A1111 .safetensors
         return None, {"text_encoder": _matrix(tensors["emb_params"], f"{path!r}: emb_params")}
     if len(tensors) == 1 and len(data) == 1:  # diffusers {token: vector}
