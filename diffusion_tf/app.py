@@ -350,9 +350,9 @@ def build_demo(generator, max_upload_mb=DEFAULT_MAX_UPLOAD_MB):
             lora_scale = gr.Slider(-2, 2, value=1.0, step=0.05, label="LoRA scale", elem_id=f"{tab}-lora-scale")
         with gr.Accordion("SDXL micro-conditioning (diffusers' defaults when blank)", open=False, visible=d["xl"]):
             with gr.Row():
-                original = gr.Textbox(label="Original size (H,W)", elem_id=f"{tab}-original-size")
-                target = gr.Textbox(label="Target size (H,W)", elem_id=f"{tab}-target-size")
-                crops = gr.Textbox(label="Crop top-left (top,left)", elem_id=f"{tab}-crops")
+                original = gr.Textbox(value="", label="Original size (H,W)", elem_id=f"{tab}-original-size")
+                target = gr.Textbox(value="", label="Target size (H,W)", elem_id=f"{tab}-target-size")
+                crops = gr.Textbox(value="", label="Crop top-left (top,left)", elem_id=f"{tab}-crops")
                 rescale = gr.Slider(0, 1, value=0.0, step=0.05, label="Guidance rescale",
                                     elem_id=f"{tab}-guidance-rescale")
         return dict(prompt=prompt, negative=negative, steps=steps, guidance=guidance, scheduler=scheduler,

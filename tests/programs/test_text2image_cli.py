@@ -316,6 +316,7 @@ class FakeText2Image:
         self.last_seeds = None
         self.loras = []
         self.text_encoder = types.SimpleNamespace(num_hidden_layers=3)
+        self.text_layers = 3
         self.conditioning = types.SimpleNamespace(embeddings={})
 
     def load_lora(self, path, scale=1.0):
