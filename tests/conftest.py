@@ -76,14 +76,19 @@ def tiny_sdxl_pipes(tmp_path_factory):
     from weights_port.convert import convert_checkpoint
 
     root = tmp_path_factory.mktemp("sdxl")
-    out = {}
-    for name in tiny_models.SDXL_NAMES:
-        for source in tiny_models.SDXL_SOURCES:
+
+    class Pipes(dict):
+        """Converted and loaded on first use (the SGM sources only serve the heavy tests)."""
+
+        def __missing__(self, key):
+            name, source = key
             if source == "diffusers":
                 src, config = tiny_models.write_diffusers_folder(name, str(root / f"{name}-src")), None
             else:  # head counts of the tiny models are not SDXL's 64-channel heads: given, not inferred
                 src = tiny_models.write_single_file(name, str(root / f"{name}.safetensors"))
                 config = tiny_models.fixture_dir(name)
             folder = convert_checkpoint(src, str(root / f"{name}-{source}"), config=config, log=lambda *_: None)
-            out[(name, source)] = Text2Image(model=folder, img_height=64, img_width=64, prompt_syntax="plain")
-    return out
+            self[key] = Text2Image(model=folder, img_height=64, img_width=64, prompt_syntax="plain")
+            return self[key]
+
+    return Pipes()

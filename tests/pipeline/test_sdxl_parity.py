@@ -24,7 +24,10 @@ from support.parity import assert_close
 
 pytestmark = pytest.mark.xdist_group("sdxl")
 
-CASES = [(name, source) for name in tiny_models.SDXL_NAMES for source in tiny_models.SDXL_SOURCES]
+# The SGM conversions' weights are bit-identical to the folders' (tests/convert/test_convert_sdxl.py):
+# their component checks run with the heavy tests.
+CASES = [pytest.param(name, source, marks=() if source == "diffusers" else pytest.mark.heavy)
+         for name in tiny_models.SDXL_NAMES for source in tiny_models.SDXL_SOURCES]
 
 
 @pytest.fixture(scope="module")

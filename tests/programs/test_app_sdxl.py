@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytestmark = pytest.mark.xdist_group("sdxl")
+pytestmark = [pytest.mark.xdist_group("sdxl"), pytest.mark.heavy]  # whole-program runs: with the heavy tests
 
 
 @pytest.fixture(scope="module")

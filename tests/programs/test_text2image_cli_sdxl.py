@@ -16,7 +16,7 @@ if str(ROOT) not in sys.path:
 
 import text2image  # noqa: E402
 
-pytestmark = pytest.mark.xdist_group("sdxl")  # the session's tiny SDXL pipelines (tests/conftest.py)
+pytestmark = [pytest.mark.xdist_group("sdxl"), pytest.mark.heavy]  # whole-program runs: with the heavy tests
 PROMPT, NEGATIVE = "a photo of an astronaut riding a horse!", "blurry"
 
 
