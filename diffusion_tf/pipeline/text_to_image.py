@@ -718,7 +718,7 @@ class Text2Image:
         """`fn` on each replica with its contiguous share of the batch (shares differ by at most
         one; a replica may get none); the results concatenated in order."""
         batch = int(latents.shape[0])
-        bounds = np.linspace(0, batch, replicas + 1).round().astype(int)
+        shares = np.linspace(0, batch, replicas + 1).round().astype(int)
         # The conditioning tensors with one row per image are split; the others are shared.
         split_cond = {k: v for k, v in cond.items() if int(v.shape[0]) == batch}
         shared_cond = {k: v for k, v in cond.items() if k not in split_cond}
@@ -726,7 +726,7 @@ class Text2Image:
 
         def share(ctx):
             r = ctx.replica_id_in_sync_group
-            return tf.nest.map_structure(lambda v: v[bounds[r]:bounds[r + 1]], per_image)
+            return tf.nest.map_structure(lambda v: v[shares[r]:shares[r + 1]], per_image)
 
         values = self.strategy.experimental_distribute_values_from_function(share)
         key = ("distributed", fn)
