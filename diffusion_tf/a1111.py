@@ -14,6 +14,8 @@ Samplers (`sampler_to_a1111`, `sampler_from_a1111`):
     heun         Heun
     lms          LMS
     dpm++2m      DPM++ 2M
+    lcm          LCM
+    tcd          TCD                (A1111 has no TCD sampler: our label, read back as written)
 
 Read: A1111's labels in any case, its `k_...` aliases (`k_euler_a`, `k_dpmpp_2m_ka`, ...), the
 older "<sampler> Karras" labels, and our own names (PNGs written before these labels: `ddim`,
@@ -50,6 +52,8 @@ SAMPLERS = {
     "heun": "Heun",
     "lms": "LMS",
     "dpm++2m": "DPM++ 2M",
+    "lcm": "LCM",
+    "tcd": "TCD",  # A1111 has no TCD sampler: the label is ours, read back as written
 }
 assert set(SAMPLERS) == set(BASE), "every scheduler needs its A1111 label"
 

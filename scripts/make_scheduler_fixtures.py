@@ -45,6 +45,25 @@ SAME noise: `randn_tensor` of their diffusers modules is replaced by one returni
 noise/<steps>[k] at step k, and diffusion_tf's `step_fn` gets the same array as `noise=`.
 (DDPM draws nothing at t = 0: its last step under "linspace" spacing then ignores
 noise[k], in both.)
+
+Few-step samplers (LCM, TCD) go to their own files, tests/fixtures/schedulers_few_step.npz /
+.json (`few_step_main`; `--few-step` writes only these), at FEW_STEPS = 2, 4, 8 steps for the
+cases of FEW_STEP_CASES (defaults; v-prediction with "trailing" spacing, which LCM ignores;
+sample prediction with another original_inference_steps and timestep_scaling; TCD's gamma
+0, 0.3, 0.5, 1):
+
+    noise/<steps>                 [steps, 1, 8, 8, 4] the fresh noise of each step (the last unused)
+    <case>/<steps>/timesteps      `timesteps`
+    <case>/<steps>/trajectory     [steps, 1, 4, 4, 4] the sample after each step (CORNER)
+    <case>/<steps>/denoised       [steps, 1, 4, 4, 4] step()'s second output after each step (CORNER):
+                                  LCM's `denoised`, TCD's `pred_noised_sample`
+    <case>/<steps>/final          the final sample (NHWC)
+    noise/img2img, img2img/...    image-to-image as diffusers' LatentConsistencyModelImg2ImgPipeline
+    <case>/img2img/{timesteps,    drives the scheduler (set_timesteps(steps, strength=...), the start
+      start,final}                add_noise(latents, noise, timesteps[:1]), every step) for FEW_IMG2IMG_CASES
+
+`--few-step-live OUT STEPS...` writes the same records (whole samples, fresh latents and noise per
+step count) for other step counts, for the live test to compare in its own process.
 """
 
 import contextlib
@@ -64,6 +83,8 @@ from diffusers.schedulers import (  # noqa: E402
     scheduling_ddim,
     scheduling_ddpm,
     scheduling_euler_ancestral_discrete,
+    scheduling_lcm,
+    scheduling_tcd,
 )
 
 STEPS = (20, 50)
@@ -154,7 +175,7 @@ def diffusers_scheduler(name, config):
 def fixed_noise(noise_nhwc):
     """diffusers' randn_tensor replaced by the stored draws (None: left as it is)."""
     patched = _Noise(noise_nhwc) if noise_nhwc is not None else None
-    modules = (scheduling_ddim, scheduling_ddpm, scheduling_euler_ancestral_discrete)
+    modules = (scheduling_ddim, scheduling_ddpm, scheduling_euler_ancestral_discrete, scheduling_lcm, scheduling_tcd)
     saved = {m: m.randn_tensor for m in modules}
     if patched is not None:
         for m in modules:
@@ -273,5 +294,124 @@ def main():
     print(f"wrote {OUT_NPZ} ({os.path.getsize(OUT_NPZ) / 1e3:.0f} kB) and {OUT_JSON}")
 
 
+# ---------------------------------------------------------------- few-step samplers (LCM, TCD)
+FEW_OUT_NPZ = os.path.join(ROOT, "tests", "fixtures", "schedulers_few_step.npz")
+FEW_OUT_JSON = os.path.join(ROOT, "tests", "fixtures", "schedulers_few_step.json")
+FEW_STEPS = (2, 4, 8)
+FEW_IMG2IMG = {"steps": 4, "strength": 0.6}
+FEW_NOISE_SEED = 3
+# case -> (diffusers class, CONFIGS entry, extra config fields (both sides), diffusers step() kwargs,
+# our extra config fields); TCD's step argument eta is our config field gamma.
+_CUSTOM = dict(prediction_type="sample", original_inference_steps=25)
+FEW_STEP_CASES = {
+    "lcm/sd": ("LCMScheduler", "sd", {}, {}, {}),
+    "lcm/linear_trailing_v": ("LCMScheduler", "linear_trailing_v", {}, {}, {}),
+    "lcm-custom/sd": ("LCMScheduler", "sd", dict(_CUSTOM, timestep_scaling=5.0), {}, {}),
+    "tcd/sd": ("TCDScheduler", "sd", {}, {}, {}),
+    "tcd-gamma0/sd": ("TCDScheduler", "sd", {}, {"eta": 0.0}, {"gamma": 0.0}),
+    "tcd-gamma0.5/linear_trailing_v": ("TCDScheduler", "linear_trailing_v", {}, {"eta": 0.5}, {"gamma": 0.5}),
+    "tcd-gamma1/linspace_v": ("TCDScheduler", "linspace_v", {}, {"eta": 1.0}, {"gamma": 1.0}),
+    "tcd-custom/sd": ("TCDScheduler", "sd", _CUSTOM, {}, {}),
+}
+FEW_IMG2IMG_CASES = ("lcm/sd", "tcd/sd", "tcd-gamma0.5/linear_trailing_v")
+
+
+def _few_diffusers(case):
+    cls_name, config_name, extra, _, _ = FEW_STEP_CASES[case]
+    return getattr(diffusers, cls_name).from_config(dict(CONFIGS[config_name], **extra))
+
+
+def run_few_step(case, steps, latents_nhwc, noise_nhwc, strength=1.0, start_noise_nhwc=None):
+    """diffusers' LCM/TCD loop as its pipelines run it (latents * init_noise_sigma, or image-to-image:
+    set_timesteps(..., strength), add_noise at timesteps[0]) -> (timesteps, start, samples, second outputs)."""
+    step_kwargs = FEW_STEP_CASES[case][3]
+    sched = _few_diffusers(case)
+    sched.set_timesteps(steps, strength=strength)
+    x = _nchw(latents_nhwc)
+    if start_noise_nhwc is None:
+        x = x * sched.init_noise_sigma
+    else:
+        x = sched.add_noise(x, _nchw(start_noise_nhwc), sched.timesteps[:1])
+    start = _nhwc(x)
+    samples, seconds = [], []
+    with fixed_noise(noise_nhwc) as patched:
+        for k, t in enumerate(sched.timesteps):
+            patched.k = k
+            out = toy_model(sched.scale_model_input(x, t), t)
+            x, second = sched.step(out, t, x, **step_kwargs, return_dict=False)
+            samples.append(_nhwc(x))
+            seconds.append(_nhwc(second))
+    return sched.timesteps.numpy(), start, samples, seconds
+
+
+def few_step_cases_meta():
+    cases = {}
+    for case, (cls_name, config_name, extra, step_kwargs, ours) in FEW_STEP_CASES.items():
+        stochastic = cls_name == "LCMScheduler" or step_kwargs.get("eta", 0.3) > 0
+        cases[case] = {"name": case.split("/")[0].split("-")[0], "diffusers": cls_name,
+                       "config": dict(CONFIGS[config_name], **extra, **ours), "step_kwargs": step_kwargs,
+                       "stochastic": stochastic}
+    return cases
+
+
+def few_step_records(steps_list, latents, noise_for, corner=True, img2img=None):
+    """{name: array} for every case at every step count of `steps_list`; `noise_for(steps)` -> the
+    step noise; `img2img`: (steps, strength, start noise) or None."""
+    crop = (lambda x: x[CORNER]) if corner else (lambda x: x)
+    arrays = {}
+    for case in FEW_STEP_CASES:
+        for steps in steps_list:
+            timesteps, _, samples, seconds = run_few_step(case, steps, latents, noise_for(steps))
+            arrays[f"{case}/{steps}/timesteps"] = timesteps
+            arrays[f"{case}/{steps}/trajectory"] = np.stack([crop(x) for x in samples]).astype(np.float32)
+            arrays[f"{case}/{steps}/denoised"] = np.stack([crop(x) for x in seconds]).astype(np.float32)
+            arrays[f"{case}/{steps}/final"] = samples[-1].astype(np.float32)
+            print(f"{case:34s} {steps} steps: timesteps {timesteps.tolist()}, |final| max {np.abs(samples[-1]).max():.3f}")
+        if img2img is not None and case in FEW_IMG2IMG_CASES:
+            steps, strength, start_noise = img2img
+            timesteps, start, samples, _ = run_few_step(case, steps, latents, noise_for(steps), strength, start_noise)
+            arrays[f"{case}/img2img/timesteps"] = timesteps
+            arrays[f"{case}/img2img/start"] = crop(start).astype(np.float32)
+            arrays[f"{case}/img2img/final"] = samples[-1].astype(np.float32)
+    return arrays
+
+
+def few_step_main():
+    latents = starting_latents()
+    arrays = {"latents": latents, "noise/img2img": step_noise(1, seed=FEW_NOISE_SEED + 1)[0]}
+    for steps in FEW_STEPS:
+        arrays[f"noise/{steps}"] = step_noise(steps, seed=FEW_NOISE_SEED)
+    img2img = (FEW_IMG2IMG["steps"], FEW_IMG2IMG["strength"], arrays["noise/img2img"])
+    arrays.update(few_step_records(FEW_STEPS, latents, lambda n: arrays[f"noise/{n}"], img2img=img2img))
+    np.savez_compressed(FEW_OUT_NPZ, **arrays)
+    with open(FEW_OUT_JSON, "w", encoding="utf-8") as f:
+        json.dump({"diffusers_version": diffusers.__version__, "steps": list(FEW_STEPS), "img2img": FEW_IMG2IMG,
+                   "img2img_cases": list(FEW_IMG2IMG_CASES), "cases": few_step_cases_meta()},
+                  f, indent=1, sort_keys=True)
+        f.write("\n")
+    print(f"wrote {FEW_OUT_NPZ} ({os.path.getsize(FEW_OUT_NPZ) / 1e3:.0f} kB) and {FEW_OUT_JSON}")
+
+
+def few_step_live(out, steps_list):
+    """The few-step records at other step counts, whole samples, latents and noise seeded by the
+    step count (stored too), for the live test."""
+    arrays = {}
+    for steps in steps_list:
+        latents = starting_latents(seed=100 + steps)
+        noise = step_noise(steps, seed=100 + steps)
+        arrays[f"latents/{steps}"], arrays[f"noise/{steps}"] = latents, noise
+        for key, value in few_step_records([steps], latents, lambda n: noise, corner=False).items():
+            arrays[key] = value
+    np.savez(out, **arrays)
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if sys.argv[1:2] == ["--few-step"]:
+        few_step_main()
+    elif sys.argv[1:2] == ["--few-step-live"]:
+        few_step_live(sys.argv[2], [int(n) for n in sys.argv[3:]])
+    else:
+        main()
+        few_step_main()

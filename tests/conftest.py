@@ -24,7 +24,7 @@ FAST = {
     "presets/test_presets.py", "text/test_clip_tokenizer.py", "convert/test_ckpt_reader.py",
     "convert/test_safetensors_reader.py", "convert/test_fuzz_readers.py", "shapes/test_shapes.py",
     "programs/test_main_info.py", "benchmarks/test_peak_memory.py", "runtime/test_runtime.py",
-    "schedulers/test_schedulers.py", "prompts/test_syntax.py", "prompts/test_chunks.py",
+    "schedulers/test_schedulers.py", "schedulers/test_few_step.py", "prompts/test_syntax.py", "prompts/test_chunks.py",
     "prompts/test_fuzz_embeddings.py",
 }
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -1,7 +1,7 @@
 """Sampling algorithms behind one interface; `get(name, **config)` returns one by name.
 
 Names (see `names.py`, which imports nothing heavy): "ddim", "ddpm", "pndm" (alias
-"plms"), "euler", "euler_a" (alias "euler-ancestral"), "heun", "lms", "dpm++2m", and
+"plms"), "euler", "euler_a" (alias "euler-ancestral"), "heun", "lms", "dpm++2m", "lcm", "tcd", and
 "euler-karras", "heun-karras", "lms-karras", "dpm++2m-karras" (use_karras_sigmas=True).
 
 The classes and `SCHEDULERS` (every accepted name -> class) are imported lazily, so
@@ -22,6 +22,8 @@ _CLASSES = {
     "heun": ("heun", "HeunDiscreteScheduler"),
     "lms": ("lms", "LMSDiscreteScheduler"),
     "dpm++2m": ("dpm_solver_multistep", "DPMSolverMultistepScheduler"),
+    "lcm": ("lcm", "LCMScheduler"),
+    "tcd": ("tcd", "TCDScheduler"),
 }
 _BY_CLASS = {cls: (module, name) for name, (module, cls) in _CLASSES.items()}
 

@@ -13,6 +13,8 @@ BASE = {
     "heun": "Heun second order (Karras et al. 2022); two model evaluations per step",
     "lms": "linear multistep, order 4 (k-diffusion's LMS)",
     "dpm++2m": "DPM-Solver++ 2M (Lu et al. 2022), second-order multistep",
+    "lcm": "LCM multistep consistency sampling (Luo et al. 2023), 2-8 steps; for LCM-distilled models and LCM-LoRA",
+    "tcd": "TCD (Zheng et al. 2024), LCM's timesteps, gamma (default 0.3) sets the fresh noise; for TCD/LCM models",
 }
 
 # Algorithms that offer Karras sigmas (rho = 7): "<name>-karras" sets use_karras_sigmas=True.

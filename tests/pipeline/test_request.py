@@ -125,7 +125,7 @@ WRITTEN = {  # ours -> (Sampler, Schedule type) as A1111 writes them
     "euler": ("Euler", None), "euler_a": ("Euler a", None), "euler-ancestral": ("Euler a", None),
     "heun": ("Heun", None), "lms": ("LMS", None), "dpm++2m": ("DPM++ 2M", None),
     "euler-karras": ("Euler", "Karras"), "heun-karras": ("Heun", "Karras"), "lms-karras": ("LMS", "Karras"),
-    "dpm++2m-karras": ("DPM++ 2M", "Karras"),
+    "dpm++2m-karras": ("DPM++ 2M", "Karras"), "lcm": ("LCM", None), "tcd": ("TCD", None),
 }
 
 

@@ -467,6 +467,7 @@ def test_get_names_aliases_and_karras():
         "dpm++2m": "DPMSolverMultistepScheduler",
         "euler-karras": "EulerDiscreteScheduler", "heun-karras": "HeunDiscreteScheduler",
         "lms-karras": "LMSDiscreteScheduler", "dpm++2m-karras": "DPMSolverMultistepScheduler",
+        "lcm": "LCMScheduler", "tcd": "TCDScheduler",  # parity: test_few_step.py
     }
     assert set(schedulers.NAMES) == set(expected) == set(schedulers.SCHEDULERS)
     for name, cls in expected.items():
@@ -494,7 +495,7 @@ def test_names_module_does_not_import_keras():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["False", "False", "14"]
+    assert out.stdout.split() == ["False", "False", "16"]
 
 
 @pytest.mark.parametrize(
