@@ -15,7 +15,7 @@ from diffusion_tf.presets import PresetUnavailableError, registry
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PRESET_DIR = ROOT / "diffusion_tf" / "presets"
-SD_NAMES = ["sd-v1-5", "sd-v2-1", "sd-v2-1-base"]
+SD_NAMES = ["sd-v1-5", "sd-v2-1", "sd-v2-1-base", "sd-turbo"]
 SDXL_NAMES = ["sdxl-base-1.0", "sdxl-refiner-1.0", "sdxl-turbo"]
 NAMES = SD_NAMES + SDXL_NAMES
 
@@ -107,7 +107,8 @@ def test_preset_file_has_all_fields(name):
     assert ck["filename"].endswith(".safetensors")
     assert ck["sha256"] is None or (len(ck["sha256"]) == 64 and set(ck["sha256"]) <= set("0123456789abcdef"))
     assert ck["size_bytes"] is None or ck["size_bytes"] > 10**9
-    expected = CONFIG_KEYS if name in SD_NAMES else {
+    expected = (dict(CONFIG_KEYS, defaults={"num_steps", "guidance", "scheduler"}) if name == "sd-turbo"
+                else CONFIG_KEYS) if name in SD_NAMES else {
         k: v for k, v in SDXL_CONFIG_KEYS.items() if name != "sdxl-refiner-1.0" or k not in ("text_encoder", "tokenizer")}
     assert set(p["configs"]) == set(expected)
     for component, keys in expected.items():
@@ -119,7 +120,7 @@ def test_preset_file_has_all_fields(name):
     assert p["configs"].get("tokenizer", p["configs"].get("tokenizer_2"))["context_length"] == 77
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", sorted(SHORT_HASHES))
 def test_pinned_hashes_match_the_published_short_hashes(name):
     assert presets.get_preset(name)["checkpoint"]["sha256"].startswith(SHORT_HASHES[name])
 
@@ -146,7 +147,7 @@ def test_sd15_values():
     assert "/stable-diffusion-v1-5/stable-diffusion-v1-5/" in p["checkpoint"]["url"]
 
 
-@pytest.mark.parametrize("name", ["sd-v2-1", "sd-v2-1-base"])
+@pytest.mark.parametrize("name", ["sd-v2-1", "sd-v2-1-base", "sd-turbo"])
 def test_sd2_common_values(name):
     c = presets.get_preset(name)["configs"]
     assert c["text_encoder"]["hidden_size"] == 1024
@@ -170,6 +171,24 @@ def test_sd21_768_vs_base():
     assert v["default_size"] == [768, 768] and base["default_size"] == [512, 512]
     assert v["checkpoint"]["filename"] == "v2-1_768-ema-pruned.safetensors"
     assert base["checkpoint"]["filename"] == "v2-1_512-ema-pruned.safetensors"
+
+
+def test_sd_turbo_is_sd21_base_with_few_step_defaults():
+    """SD-Turbo: the SD 2.1-base networks (epsilon: Stability runs it with sd_2_1.yaml's EpsScaling),
+    trailing timesteps, and folder defaults of 1 step, no guidance, Euler ancestral."""
+    turbo, base = presets.get_preset("sd-turbo"), presets.get_preset("sd-v2-1-base")
+    for component in ("text_encoder", "unet", "vae", "tokenizer"):
+        assert turbo["configs"][component] == base["configs"][component], component
+    assert turbo["configs"]["scheduler"] == dict(base["configs"]["scheduler"], timestep_spacing="trailing")
+    assert turbo["configs"]["defaults"] == {"num_steps": 1, "guidance": 0.0, "scheduler": "euler_a"}
+    assert turbo["default_size"] == [512, 512]
+    assert turbo["checkpoint"]["sha256"] is None  # not confirmed: never downloaded unverified
+
+
+def test_an_unpinned_preset_is_refused_with_how_to_install_it(home):
+    with pytest.raises(PresetUnavailableError, match="no pinned sha256") as e:
+        presets.ensure_preset("sd-turbo")
+    assert "sd_turbo.safetensors" in str(e.value)
 
 
 @pytest.mark.parametrize("name", SDXL_NAMES)
@@ -418,7 +437,7 @@ def test_resolve_model_default_logs_its_note(home):
 
 @pytest.mark.parametrize("bad, message", [
     (15, "must be a model folder, a preset name or None"),
-    ("sd-v9", "neither a model folder nor a preset; presets: shapes, sd-v1-5, sd-v2-1, sd-v2-1-base"),
+    ("sd-v9", "neither a model folder nor a preset; presets: shapes, sd-turbo, sd-v1-5, sd-v2-1, sd-v2-1-base"),
 ])
 def test_resolve_model_refuses_what_it_cannot_resolve(home, bad, message):
     from diffusion_tf.presets.resolve import resolve_model
