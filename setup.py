@@ -36,6 +36,7 @@ setup(
         "app": ["gradio>=5,<7"],
         "e2e": ["playwright"],
         "parity": ["torch==2.13.0", "diffusers==0.42.1", "transformers==5.23.0", "peft==0.21.2"],
+        "bench": ["torch==2.13.0", "diffusers==0.42.1", "transformers==5.23.0", "peft==0.21.2", "openvino==2026.4.1"],
     },
     entry_points={
         "console_scripts": [

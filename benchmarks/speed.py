@@ -5,6 +5,8 @@ diffusers (eager; torch.compile when asked), the SD v1.5 networks with the SAME 
     python benchmarks/speed.py                                  # UNet, VAE decode, text encoder
     python benchmarks/speed.py --parts unet --sizes 256 512 --repeats 5
     python benchmarks/speed.py --parts generate --sizes 512     # a whole 20-step DPM-Solver++ 2M generation
+    pip install openvino                                        # the CPU peer (benchmark-only)
+    python benchmarks/speed.py --parts unet vae --impls ours-xla diffusers openvino
 
 How it measures:
 - the diffusers/transformers networks are built from the preset's configs with
@@ -14,6 +16,11 @@ How it measures:
 - every implementation first runs once (its compile time is that first call minus the
   median); then the repeats ALTERNATE between implementations (ours-eager, ours-graph,
   ours-xla, diffusers, ...), so that a change in machine load hits them all alike;
+- `--impls openvino`: OpenVINO runs the same diffusers modules (same random weights), converted
+  with `openvino.convert_model` from a trace at the case's input shapes and compiled for the CPU
+  with `INFERENCE_PRECISION_HINT=f32`, `INFERENCE_NUM_THREADS=--threads` and the latency hint;
+  its convert + compile time is reported apart (`convert_s`) and its error against diffusers
+  with the others'. It alternates with the others like any implementation;
 - fp32, the UNet at batch 2 (classifier-free guidance), VAE decode and text encoder at
   batch 1; TensorFlow and PyTorch both get `--threads` threads (default: every core);
 - reports median / min / max seconds and the ratio of each median to diffusers eager's;
@@ -101,13 +108,56 @@ def _nchw(x):
     return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
 
 
-def cases(parts, sizes, configs, ref, ours, impls, compile_torch):
-    """{case name: {impl: (callable, output-to-numpy-NHWC)}} plus the inputs' descriptions."""
+def openvino_variant(module, call, example, threads, converts):
+    """`call(module, *example)` (a torch module) converted to OpenVINO and compiled for the CPU,
+    fp32, with `threads` threads: -> a callable returning a torch tensor (NCHW, as diffusers').
+    Its convert + compile seconds are appended to `converts`."""
+    import openvino as ov
+    import torch
+
+    class Wrapped(torch.nn.Module):  # the module as a submodule: its weights trace as parameters
+        def __init__(self):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args):
+            return call(self.module, *args)
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model = ov.convert_model(Wrapped().eval(), example_input=example)
+    compiled = ov.Core().compile_model(model, "CPU", {
+        "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": str(threads), "PERFORMANCE_HINT": "LATENCY"})
+    converts.append(time.perf_counter() - t0)
+    request = compiled.create_infer_request()
+    inputs = [e.numpy() for e in example]
+
+    def run():
+        request.infer(inputs)
+        return torch.from_numpy(request.get_output_tensor(0).data.copy())
+
+    return run
+
+
+def cases(parts, sizes, configs, ref, ours, impls, compile_torch, threads=None):
+    """{case name: {impl: callable}}; `openvino` convert times go to the returned dict's
+    "_convert_s" entry {case name: seconds}."""
     import tensorflow as tf
     import torch
 
     rng = np.random.default_rng(0)
     out = {}
+    convert_s = {}
+    threads = threads or os.cpu_count()
+
+    def openvino_variants(name, module, call, example):
+        if "openvino" not in impls:
+            return {}
+        converts = []
+        fn = openvino_variant(module, call, example, threads, converts)
+        convert_s[name] = converts[0]
+        print(f"  {name}: openvino convert + compile {converts[0]:.1f} s", file=sys.stderr, flush=True)
+        return {"openvino": fn}
 
     def ours_variants(fn):
         variants = {}
@@ -141,14 +191,19 @@ def cases(parts, sizes, configs, ref, ours, impls, compile_torch):
             fns = ours_variants(lambda: ours["unet"](xt, tt, ct))
             unet = ref["unet"]
             fns.update(torch_variants(lambda: unet(tx, ttt, encoder_hidden_states=tc).sample))
-            out[f"UNet step, {size} px, batch 2"] = fns
+            name = f"UNet step, {size} px, batch 2"
+            fns.update(openvino_variants(name, unet, lambda m, x, t, c: m(x, t, encoder_hidden_states=c).sample,
+                                         (tx, ttt, tc)))
+            out[name] = fns
         if "vae" in parts:
             z = rng.standard_normal((1, side, side, 4), np.float32)
             zt, tz = tf.constant(z), _nchw(z)
             fns = ours_variants(lambda: ours["vae"].decode(zt))
             vae = ref["vae"]
             fns.update(torch_variants(lambda: vae.decode(tz).sample))
-            out[f"VAE decode, {size} px, batch 1"] = fns
+            name = f"VAE decode, {size} px, batch 1"
+            fns.update(openvino_variants(name, vae, lambda m, z: m.decode(z).sample, (tz,)))
+            out[name] = fns
     if "text" in parts:
         from diffusion_tf.clip_tokenizer import CLIPTokenizer
 
@@ -157,7 +212,10 @@ def cases(parts, sizes, configs, ref, ours, impls, compile_torch):
         fns = ours_variants(lambda: ours["text_encoder"](it))
         te = ref["text_encoder"]
         fns.update(torch_variants(lambda: te(ti).last_hidden_state))
-        out["text encoder, 77 tokens, batch 1"] = fns
+        name = "text encoder, 77 tokens, batch 1"
+        fns.update(openvino_variants(name, te, lambda m, i: m(i).last_hidden_state, (ti,)))
+        out[name] = fns
+    out["_convert_s"] = convert_s
     return out
 
 
@@ -186,6 +244,7 @@ def measure(all_cases, repeats):
     import torch
 
     results = {}
+    convert_s = all_cases.pop("_convert_s", {})
     for name, fns in all_cases.items():
         first, outputs = {}, {}
         for impl, fn in fns.items():
@@ -216,6 +275,8 @@ def measure(all_cases, repeats):
                 err = float(np.abs(outputs[impl] - ref).max())
                 e["max_abs_error_vs_diffusers"] = err
                 e["relative_error_vs_diffusers"] = err / max(float(np.abs(ref).max()), 1.0)
+            if impl == "openvino":
+                e["convert_s"] = convert_s.get(name)
             entry[impl] = e
         if "diffusers" in entry:
             for e in entry.values():
@@ -328,7 +389,7 @@ def table(results):
             ratio = e.get("ratio_to_diffusers_eager")
             err = e.get("relative_error_vs_diffusers")
             lines.append(f"| {name} | {impl} | {e['median_s']:.3f} | {e['min_s']:.3f} | {e['max_s']:.3f} | "
-                         f"{e['compile_s']:.1f} | {'' if ratio is None else f'{ratio:.2f}'} | "
+                         f"{e['compile_s'] + (e.get('convert_s') or 0):.1f} | {'' if ratio is None else f'{ratio:.2f}'} | "
                          f"{'' if err is None else f'{err:.1e}'} |")
     if gens:
         lines += ["", "| generation | implementation | seconds (2nd run) | first run (with compile) | peak RSS GiB |"
@@ -380,8 +441,12 @@ def main(argv=None):
         "versions": {"tensorflow": tf.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__},
         "repeats": args.repeats,
     }
-    timings = {} if reuse else measure(cases(parts, args.sizes, configs, ref, ours, args.impls, args.compile_torch),
-                                       args.repeats)
+    if "openvino" in args.impls:
+        import openvino
+
+        results["versions"]["openvino"] = openvino.__version__
+    timings = {} if reuse else measure(
+        cases(parts, args.sizes, configs, ref, ours, args.impls, args.compile_torch, args.threads), args.repeats)
     if "generate" in parts:
         import tempfile
 
