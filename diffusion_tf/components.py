@@ -4,8 +4,8 @@ import os
 
 from diffusion_tf import runtime
 from diffusion_tf.clip_tokenizer import CLIPTokenizer
-from diffusion_tf.model_folder import components, read_config, weights_path
-from diffusion_tf.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+from diffusion_tf.model_folder import components, read_config, read_vae_config, weights_path
+from diffusion_tf.models import AutoencoderKL, AutoencoderTiny, CLIPTextModel, UNet2DConditionModel
 from diffusion_tf.state_dict import load_weights
 
 BUILDERS = {
@@ -15,6 +15,24 @@ BUILDERS = {
     "vae": AutoencoderKL,
 }
 _BUILD_ARGS = {"text_encoder_2": {"with_projection": True}}
+# A "vae" section names its class when it is not the AutoencoderKL (diffusers' "_class_name").
+VAE_CLASSES = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny}
+
+
+def vae_class(config):
+    """The VAE class of a "vae" config section (AutoencoderKL when it names none)."""
+    name = config.get("_class_name", "AutoencoderKL")
+    if name not in VAE_CLASSES:
+        raise ValueError(f"vae config: _class_name={name!r} is not supported; allowed: {', '.join(VAE_CLASSES)}.")
+    return VAE_CLASSES[name]
+
+
+def folder_section(component, model):
+    """The config section a model folder stores for `model` (what `build_model` rebuilds it from)."""
+    section = {k: v for k, v in model.get_config().items() if k not in ("name", "trainable", "dtype")}
+    if component == "vae" and not isinstance(model, AutoencoderKL):
+        section = {"_class_name": type(model).__name__, **section}
+    return section
 
 
 def build_model(component, config, dtype=None, **overrides):
@@ -24,7 +42,8 @@ def build_model(component, config, dtype=None, **overrides):
     kwargs = dict(overrides, name=component)
     if dtype is not None:
         kwargs["dtype"] = dtype
-    model = BUILDERS[component].from_config(config, **_BUILD_ARGS.get(component, {}), **kwargs)
+    cls = vae_class(config) if component == "vae" else BUILDERS[component]
+    model = cls.from_config(config, **_BUILD_ARGS.get(component, {}), **kwargs)
     model.build_weights()
     return model
 
@@ -81,3 +100,11 @@ def load_folder(folder, attention=None, dtype=None):
         out[component] = model
     runtime.apply()
     return out
+
+
+def load_vae_folder(folder, dtype=None):
+    """(vae section, the VAE with its weights) of a VAE folder or of a model folder (its own VAE)."""
+    section, _ = read_vae_config(folder)
+    model = build_model("vae", section, dtype)
+    load_weights(model, weights_path(folder, "vae"))
+    return section, model

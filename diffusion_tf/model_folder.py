@@ -12,6 +12,15 @@ optional tokenizer_2/ folder) and "pipeline" ({"force_zeros_for_empty_prompt",
 "requires_aesthetics_score"}, diffusers' model_index.json flags); the refiner has only the second
 encoder (no "text_encoder" / "tokenizer"), as its diffusers folder.
 
+A VAE folder holds one stand-alone VAE (`weights_port --vae`, `Text2Image(vae=FOLDER)`):
+
+    FOLDER/config.json             {"format": "diffusion_tf.vae.v1", "vae", "source", "weights_dtype"}
+    FOLDER/vae.weights.h5
+
+Its "vae" section is a model folder's (AutoencoderKL's fields, or AutoencoderTiny's with
+"_class_name": "AutoencoderTiny"); a "scaling_factor" of null means the file gave none: the VAE
+takes the scaling factor of the model it decodes for.
+
 A folder is written to a temporary sibling and renamed into place, so a failed or
 interrupted write never leaves a partial folder at the destination.
 """
@@ -23,6 +32,7 @@ import shutil
 import tempfile
 
 FORMAT = "diffusion_tf.model.v1"
+VAE_FORMAT = "diffusion_tf.vae.v1"
 COMPONENTS = ("text_encoder", "unet", "vae")  # every folder of SD 1.x/2.x
 ALL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")
 TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
@@ -85,12 +95,35 @@ def read_config(folder):
     return config
 
 
-def write_folder(dst, config, models, dtype=None, tokenizer_files=None, overwrite=False, progress=None):
+def read_vae_config(folder):
+    """(vae section, config.json) of a VAE folder, or of a model folder (its own VAE); ValueError
+    naming the folder otherwise."""
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{folder!r} is not a diffusion_tf VAE or model folder ({path}: {e}).") from None
+    fmt = config.get("format") if isinstance(config, dict) else None
+    if fmt == FORMAT:
+        read_config(folder)  # the model folder's own checks
+    elif fmt != VAE_FORMAT:
+        raise ValueError(f"{path!r} is neither a {VAE_FORMAT} nor a {FORMAT} config.")
+    if not isinstance(config.get("vae"), dict):
+        raise ValueError(f"{path!r} lacks the 'vae' section.")
+    if not os.path.isfile(weights_path(folder, "vae")):
+        raise ValueError(f"{folder!r} is missing vae.weights.h5 (an interrupted conversion? convert again).")
+    return config["vae"], config
+
+
+def write_folder(dst, config, models, dtype=None, tokenizer_files=None, overwrite=False, progress=None,
+                 fmt=FORMAT):
     """Write `config` and the `models` {component: keras model} to `dst` atomically.
 
     `tokenizer_files`: a folder with vocab.json and merges.txt to copy, or None; or a dict
     {"tokenizer": folder, "tokenizer_2": folder} (SDXL).
     `progress(component, done, total)`, if given, is called after each tensor is written.
+    `fmt`: the config's "format" (VAE_FORMAT for a VAE folder).
     """
     from diffusion_tf.state_dict import save_weights
 
@@ -112,7 +145,7 @@ def write_folder(dst, config, models, dtype=None, tokenizer_files=None, overwrit
             os.makedirs(os.path.join(tmp, sub))
             for name in ("vocab.json", "merges.txt"):
                 shutil.copyfile(os.path.join(source, name), os.path.join(tmp, sub, name))
-        config = dict(config, format=FORMAT)
+        config = dict(config, format=fmt)
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
         if os.path.exists(dst):

@@ -1,4 +1,5 @@
-"""python -m weights_port SRC DST [--config FOLDER_OR_PRESET] [--prediction-type ...] [--dtype ...]"""
+"""python -m weights_port SRC DST [--config FOLDER_OR_PRESET] [--prediction-type ...] [--dtype ...]
+python -m weights_port --vae SRC DST [--dtype ...]     (a stand-alone VAE: TAESD or AutoencoderKL)"""
 
 import argparse
 import os
@@ -28,6 +29,11 @@ def build_parser():
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                    help="storage dtype of the written weights (default float32)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--vae", action="store_true",
+                   help="SRC is a stand-alone VAE and DST a VAE folder (Text2Image(vae=DST), text2image.py --vae DST): "
+                   "TAESD/TAESDXL (a diffusers AutoencoderTiny folder or file, or madebyollin's taesd_encoder/"
+                   "taesd_decoder .safetensors or .pth) or an AutoencoderKL (a diffusers folder such as "
+                   "sdxl-vae-fp16-fix, or one file in the original or diffusers layout)")
     return p
 
 
@@ -49,6 +55,14 @@ def main(argv=None):
     from weights_port.convert import convert_checkpoint
 
     try:
+        if args.vae:
+            if args.config or args.prediction_type:
+                raise ValueError("--config and --prediction-type describe a whole model; a --vae conversion reads "
+                                 "the VAE's architecture from SRC itself.")
+            from weights_port.vae import convert_vae
+
+            convert_vae(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
+            return 0
         config, config_name = config_argument(args.config)
         convert_checkpoint(
             args.src, args.dst, config=config, config_name=config_name, prediction_type=args.prediction_type,

@@ -292,6 +292,22 @@ def _assign(models, tables, sources, what, log=_log):
     return used
 
 
+def _refuse_vae_file(src, shapes):
+    """A stand-alone VAE (no UNet) given as a whole model: say how to convert it."""
+    if any(k.startswith(unet_keys.PREFIX) for k in shapes):
+        return
+    from weights_port import taesd_keys
+
+    keys = list(shapes)
+    taesd = taesd_keys.is_original(keys) or any(k.startswith(("encoder.layers.", "decoder.layers.")) for k in keys)
+    kl = any(k.startswith(("encoder.down", "first_stage_model.encoder.down")) for k in keys)
+    if taesd or kl:
+        raise CheckpointError(
+            f"{src} is a stand-alone VAE ({'TAESD' if taesd else 'AutoencoderKL'}), not a whole model: convert it "
+            "with `python -m weights_port --vae SRC DST`, or pass it to Text2Image(vae=...) / text2image.py --vae."
+        )
+
+
 def convert_checkpoint(src, dst, config=None, prediction_type=None, dtype="float32", overwrite=False, log=_log,
                        config_name=None):
     """Convert `src` (diffusers folder, .safetensors or .ckpt) into a model folder at `dst`.
@@ -315,6 +331,7 @@ def convert_checkpoint(src, dst, config=None, prediction_type=None, dtype="float
         log(f"reading {src}")
         tensors = read_checkpoint(src, mapped=True)  # views of a memory map: not held in memory
         shapes = {k: v.shape for k, v in tensors.items()}
+        _refuse_vae_file(src, shapes)
         family = describe(shapes)
         kind = _kind(family, sdxl_variant(shapes) if family == "sdxl" else None)
         configs = given_configs(config) if config is not None else infer_configs(shapes)
@@ -328,7 +345,8 @@ def convert_checkpoint(src, dst, config=None, prediction_type=None, dtype="float
     else:
         if not os.path.isfile(os.path.join(src, "unet", "config.json")):
             raise CheckpointError(
-                f"{src!r} is a folder but not a diffusers model folder (no unet/config.json)."
+                f"{src!r} is a folder but not a diffusers model folder (no unet/config.json); a stand-alone VAE "
+                "folder converts with `python -m weights_port --vae SRC DST`."
             )
         configs = given_configs(config) if config is not None else folder_configs(src)
         family = _family(configs)
@@ -355,10 +373,9 @@ def convert_checkpoint(src, dst, config=None, prediction_type=None, dtype="float
             f"{src}: {len(unexpected)} checkpoint tensors fit no weight of the configured "
             f"architecture, e.g. {unexpected[:10]} (wrong --config?)."
         )
-    folder_config = {
-        name: {k: v for k, v in models[name].get_config().items() if k not in ("name", "trainable", "dtype")}
-        for name in models
-    }
+    from diffusion_tf.components import folder_section
+
+    folder_config = {name: folder_section(name, models[name]) for name in models}
     folder_config["unet"].pop("attention", None)
     folder_config.update({s: configs[s] for s in ("tokenizer", "tokenizer_2", "pipeline", "defaults") if s in configs})
     folder_config.update(

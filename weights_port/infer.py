@@ -223,18 +223,19 @@ def infer_sdxl_text_encoders(shapes, variant):
     return out
 
 
-def infer_vae(shapes):
-    levels = _count(shapes, re.escape(VAE) + r"encoder\.down\.(\d+)\.")
-    layers = _count(shapes, re.escape(VAE) + r"encoder\.down\.0\.block\.(\d+)\.")
-    channels = [shapes[f"{VAE}encoder.down.{i}.block.0.conv2.weight"][0] for i in range(levels)]
+def infer_vae(shapes, prefix=VAE):
+    """The AutoencoderKL config of the LDM-layout VAE under `prefix` (a stand-alone VAE file: "")."""
+    levels = _count(shapes, re.escape(prefix) + r"encoder\.down\.(\d+)\.")
+    layers = _count(shapes, re.escape(prefix) + r"encoder\.down\.0\.block\.(\d+)\.")
+    channels = [shapes[f"{prefix}encoder.down.{i}.block.0.conv2.weight"][0] for i in range(levels)]
     return {
-        "in_channels": shapes[VAE + "encoder.conv_in.weight"][1],
-        "out_channels": shapes[VAE + "decoder.conv_out.weight"][0],
+        "in_channels": shapes[prefix + "encoder.conv_in.weight"][1],
+        "out_channels": shapes[prefix + "decoder.conv_out.weight"][0],
         "block_out_channels": channels,
         "down_block_types": ["DownEncoderBlock2D"] * levels,
         "up_block_types": ["UpDecoderBlock2D"] * levels,
         "layers_per_block": layers,
-        "latent_channels": shapes[VAE + "post_quant_conv.weight"][0],
+        "latent_channels": shapes[prefix + "post_quant_conv.weight"][0],
         "norm_num_groups": 32,
         "scaling_factor": 0.18215,
     }
