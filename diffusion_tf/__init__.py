@@ -7,6 +7,11 @@ from diffusion_tf import startup_log as _startup_log
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 # Before anything imports TensorFlow: its log level, and its start-up lines off the terminal.
 _startup_log.install()
+# Before XLA reads its flags (at TensorFlow's first operation): the persistent compilation cache
+# (DIFFUSION_TF_COMPILE_CACHE, see runtime.py).
+from diffusion_tf import runtime as _runtime  # noqa: E402
+
+_runtime.enable_compile_cache()
 
 __version__ = "0.1.0"
 

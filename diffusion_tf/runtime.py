@@ -5,6 +5,9 @@
     DIFFUSION_TF_KEEP_HEAP=0   glibc's heap defaults (default: keep large freed blocks, see
                                `compiler_memory.py`; it also selects the Winograd rule's bound)
     DIFFUSION_TF_HOME=DIR      the weights cache (default: ~/.cache/diffusion_tf)
+    DIFFUSION_TF_COMPILE_CACHE=0   no persistent XLA compilation cache (default: compiled XLA
+                               functions are kept in <home>/xla-cache/tf-<version>, so that
+                               another process with the same settings does not compile again)
 
 `options()` is the frozen `Options` of this process: the environment as it was at the first
 call. Every reader asks it, never `os.environ`, so that a traced graph and the cache folder
@@ -18,9 +21,16 @@ override it explicitly:
 A function traced under one option keeps the path it was traced with; set options before
 the first call of what they govern.
 
-`apply()` puts the process-wide heap setting into effect (once; see `compiler_memory`). It is
-called where networks are made ready for use (`components.load_folder`, after the weights are
-loaded), never from inside a network.
+`apply()` puts the process-wide heap setting into effect (once; see `compiler_memory`) and
+points XLA's persistent compilation cache at its folder. It is called where networks are made
+ready for use (`components.load_folder`, after the weights are loaded), never from inside a
+network. The cache is TensorFlow's own (`--tf_xla_persistent_cache_directory` of TF_XLA_FLAGS:
+serialized XLA:CPU/GPU executables keyed by the fingerprint of the compiled program, so a
+different graph, shape or option never hits another's entry); XLA reads its flags at its first
+operation, so `import diffusion_tf` sets the flag (from the environment as it is then; the
+folder is created by `apply()`), and a process that ran TensorFlow before runs without it. A folder
+per TensorFlow version keeps one version's executables from another's compiler. An explicit
+`--tf_xla_persistent_cache_directory` in TF_XLA_FLAGS is left as the user set it.
 
 Importing this module imports neither TensorFlow nor Keras.
 """
@@ -38,14 +48,16 @@ __all__ = ["Options", "apply", "configure", "from_environ", "options", "overridd
 class Options:
     """winograd: Winograd 3x3 convolutions where the shape rule picks them.
     keep_heap: keep large freed heap blocks (and the Winograd bound measured with them).
-    home: the weights cache folder as given (None: ~/.cache/diffusion_tf)."""
+    home: the weights cache folder as given (None: ~/.cache/diffusion_tf).
+    compile_cache: keep compiled XLA functions on disk for other processes (see the module)."""
 
     winograd: bool = True
     keep_heap: bool = True
     home: "str | None" = None
+    compile_cache: bool = True
 
     def __post_init__(self):
-        for name in ("winograd", "keep_heap"):
+        for name in ("winograd", "keep_heap", "compile_cache"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"{name}={value!r}; must be True or False.")
@@ -63,6 +75,7 @@ def from_environ(environ=None):
         winograd=env.get("DIFFUSION_TF_WINOGRAD", "1") != "0",
         keep_heap=env.get("DIFFUSION_TF_KEEP_HEAP", "1") != "0",
         home=env.get("DIFFUSION_TF_HOME") or None,
+        compile_cache=env.get("DIFFUSION_TF_COMPILE_CACHE", "1") != "0",
     )
 
 
@@ -101,10 +114,61 @@ def overridden(**changes):
         _current = previous
 
 
+CACHE_FLAG = "--tf_xla_persistent_cache_directory"
+
+
+def home_dir():
+    """The home option's folder, absolute (~/.cache/diffusion_tf when unset); not created here."""
+    return os.path.abspath(os.path.expanduser(options().home or os.path.join("~", ".cache", "diffusion_tf")))
+
+
+def compile_cache_dir():
+    """The persistent XLA compilation cache of this TensorFlow version: <home>/xla-cache/tf-<version>."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("tensorflow")
+    except metadata.PackageNotFoundError:  # e.g. tensorflow-cpu or a source build
+        import tensorflow as tf
+
+        version = tf.__version__
+    return os.path.join(home_dir(), "xla-cache", f"tf-{version}")
+
+
+def enable_compile_cache(environ=None):
+    """With the compile_cache option, add the cache folder to TF_XLA_FLAGS unless a cache
+    directory is given there already; returns the folder in effect, or None. `environ`: the
+    flags' environment (default os.environ); the option and home are read from it when it is
+    os.environ and no option was set yet (this runs at `import diffusion_tf`)."""
+    env = os.environ if environ is None else environ
+    flags = env.get("TF_XLA_FLAGS", "")
+    for flag in flags.split():
+        if flag.startswith(CACHE_FLAG + "="):
+            return flag.split("=", 1)[1] or None
+    if not options().compile_cache:
+        return None
+    folder = compile_cache_dir()
+    env["TF_XLA_FLAGS"] = f"{flags} {CACHE_FLAG}={folder}".strip()
+    return folder
+
+
+def _make_compile_cache_dir():
+    """Create the folder named in TF_XLA_FLAGS (XLA does not); a read-only home only warns in
+    XLA's log, the generation runs without the cache."""
+    for flag in os.environ.get("TF_XLA_FLAGS", "").split():
+        if flag.startswith(CACHE_FLAG + "="):
+            try:
+                os.makedirs(flag.split("=", 1)[1], exist_ok=True)
+            except OSError:
+                pass
+
+
 def apply():
     """Put the heap option into effect for this process: with keep_heap, glibc keeps large
-    freed blocks (`compiler_memory.keep_large_blocks`; once per process, it cannot be undone).
+    freed blocks (`compiler_memory.keep_large_blocks`; once per process, it cannot be undone);
+    and point XLA's compilation cache at its folder (`enable_compile_cache`).
     Returns whether large blocks are kept."""
+    _make_compile_cache_dir()
     if options().keep_heap:
         return compiler_memory.keep_large_blocks()
     return compiler_memory.large_blocks_kept()

@@ -167,3 +167,17 @@ SDXL_SPECS["tiny-sdxl-inpaint"] = {
     **SDXL_SPECS["tiny-sdxl"],
     "unet": {**SDXL_SPECS["tiny-sdxl"]["unet"], "in_channels": 9},
 }
+
+# A guidance-distilled (LCM-like) variant of tiny-sd1: the UNet embeds the guidance scale
+# (`time_cond_proj_dim`, 256 in the LCM checkpoints; 16 here) and the folder's scheduler is
+# diffusers' LCMScheduler. Its fixtures (tests/fixtures/tiny-lcm/) come from
+# scripts/make_lcm_fixtures.py; the VAE and text encoder are tiny-sd1's (the same random
+# values: they are drawn from the keys).
+LCM_SPECS = {
+    "tiny-lcm": {
+        **TINY_SPECS["tiny-sd1"],
+        "unet": {**TINY_SPECS["tiny-sd1"]["unet"], "time_cond_proj_dim": 16},
+        "scheduler": {**TINY_SPECS["tiny-sd1"]["scheduler"], "original_inference_steps": 50,
+                      "timestep_scaling": 10.0},
+    },
+}

@@ -16,6 +16,9 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+# No persistent XLA compilation cache in the tests (and the programs they start), so that every
+# compile-time assertion sees a compilation; tests/runtime checks the cache in fresh processes.
+os.environ.setdefault("DIFFUSION_TF_COMPILE_CACHE", "0")
 
 from support import tiny_models  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Sinusoidal timestep features and the timestep MLP of the UNet."""
+"""Sinusoidal timestep features, the guidance-scale embedding of distilled UNets and the timestep MLP of the UNet."""
 
 import math
 
@@ -15,6 +15,24 @@ def timestep_features(timesteps, dim, flip_sin_to_cos=True, freq_shift=0.0, max_
     args = ops.cast(timesteps, "float32")[:, None] * ops.exp(exponent)[None, :]
     sin, cos = ops.sin(args), ops.cos(args)
     emb = ops.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+    if dim % 2 == 1:
+        emb = ops.pad(emb, [[0, 0], [0, 1]])
+    return emb
+
+
+def guidance_scale_embedding(w, dim):
+    """[B] guidance weights w -> [B, dim] float32: the sinusoidal embedding of 1000 w, sin half
+    first (diffusers' `get_guidance_scale_embedding`, after VDM's timestep embedding), the
+    `timestep_cond` a guidance-distilled UNet (LCM, `time_cond_proj_dim`) was trained with.
+    Frequencies exp(-k log(10000) / (dim // 2 - 1)), k < dim // 2; an odd `dim` ends in a 0."""
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 4:
+        raise ValueError(f"dim={dim!r}; must be an integer >= 4 (the UNet's time_cond_proj_dim).")
+    half = dim // 2
+    # log(10000) and its ratio in float32, as the reference computes them
+    step = ops.log(ops.convert_to_tensor(10000.0, "float32")) / float(half - 1)
+    freqs = ops.exp(ops.arange(half, dtype="float32") * -step)
+    args = (ops.cast(ops.reshape(w, (-1,)), "float32") * 1000.0)[:, None] * freqs[None, :]
+    emb = ops.concatenate([ops.sin(args), ops.cos(args)], axis=-1)
     if dim % 2 == 1:
         emb = ops.pad(emb, [[0, 0], [0, 1]])
     return emb

@@ -10,7 +10,9 @@ all run these functions, eagerly, in a graph or inside one XLA-compiled function
 `unet(x, t, context)` is the raw denoising network. `context` holds the unconditional rows
 first, then the conditional ones, when `plan.use_guidance` (one batched UNet call per step
 for both passes); `plan.added` holds an SDXL UNet's added conditions (pooled text embedding and
-micro-conditioning time ids), rows in the same order. The scheduler is used through its index-based functional core
+micro-conditioning time ids), rows in the same order; `plan.timestep_cond` a guidance-distilled
+UNet's guidance embedding (`guidance_condition`: LCM models take the guidance scale as an input
+and run no unconditional pass). The scheduler is used through its index-based functional core
 (`init_state`, `scale_model_input_at`, `model_timestep`, `step_fn`), so the loop index may
 be a tensor. Editing conditions (`plan.cond`):
   {"extra": [B, h, w, 5]}   mask + masked-image latents, appended to a 9-channel UNet's input;
@@ -24,6 +26,7 @@ from typing import Any
 import tensorflow as tf
 from keras import ops
 
+from diffusion_tf.layers.embeddings import guidance_scale_embedding
 from diffusion_tf.pipeline.editing import add_noise_at
 
 
@@ -36,7 +39,8 @@ class Plan:
     graph). `seed`, `temperature`: the fresh noise of stochastic samplers. `added`: an SDXL
     UNet's `added_cond` ({"text_embeds", "time_ids"}, unconditional rows first), or None.
     `guidance_rescale`: diffusers' rescale of the guided output (Lin et al. 2023, eq. 15-16), or
-    None (not in the graph at all)."""
+    None (not in the graph at all). `timestep_cond`: [B, D] the UNet's `timestep_cond` (a
+    guidance-distilled UNet's guidance embedding, `guidance_condition`), or None."""
 
     scheduler: Any
     tables: Any = None
@@ -47,6 +51,7 @@ class Plan:
     cond: dict = dataclasses.field(default_factory=dict)
     added: Any = None
     guidance_rescale: Any = None
+    timestep_cond: Any = None
 
     def __post_init__(self):
         if self.tables is None:
@@ -56,6 +61,23 @@ class Plan:
     def num_indices(self):
         """len(timesteps): the loop's end index (a tensor inside a compiled function)."""
         return ops.shape(self.tables["model_timesteps"])[0]
+
+
+def guidance_embedded(unet):
+    """Whether `unet` is guidance-distilled (diffusers' `time_cond_proj_dim` set, as LCM's): the
+    guidance scale is then an input of the network, not a second (unconditional) pass."""
+    return getattr(unet, "time_cond_proj_dim", None) is not None
+
+
+def guidance_condition(unet, guidance, batch):
+    """The `timestep_cond` [batch, time_cond_proj_dim] of a guidance-distilled UNet, None for
+    others. As diffusers' LatentConsistencyModelPipeline: w = guidance - 1 (its pipelines' scale s
+    is Imagen's uncond + s (cond - uncond), LCM was distilled with cond + w (cond - uncond)),
+    embedded by `guidance_scale_embedding` (of 1000 w)."""
+    if not guidance_embedded(unet):
+        return None
+    w = ops.ones((batch,), "float32") * (ops.cast(guidance, "float32") - 1.0)
+    return guidance_scale_embedding(w, unet.time_cond_proj_dim)
 
 
 def guide(uncond, cond, guidance):
@@ -85,7 +107,11 @@ def model_output(unet, plan, latents, i, context):
     if extra is not None:
         extra = ops.concatenate([extra, extra], axis=0) if plan.use_guidance else extra
         x = ops.concatenate([x, extra], axis=-1)
-    out = unet(x, t, context) if plan.added is None else unet(x, t, context, plan.added)
+    kwargs = {}
+    if plan.timestep_cond is not None:
+        cond = plan.timestep_cond
+        kwargs["timestep_cond"] = ops.concatenate([cond, cond], axis=0) if plan.use_guidance else cond
+    out = unet(x, t, context, **kwargs) if plan.added is None else unet(x, t, context, plan.added, **kwargs)
     out = ops.cast(out, "float32")
     if not plan.use_guidance:
         return out

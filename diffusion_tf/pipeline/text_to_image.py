@@ -37,6 +37,9 @@ def _stderr_line(line):
 
 # Generation defaults, unless a model folder's config.json has a "defaults" section.
 DEFAULTS = {"num_steps": 50, "guidance": 7.5, "scheduler": "ddim"}
+# ... and for a guidance-distilled UNet (time_cond_proj_dim: an LCM model), diffusers'
+# LatentConsistencyModelPipeline's: its few steps are what it was distilled for.
+DISTILLED_DEFAULTS = {"num_steps": 4, "guidance": 8.5, "scheduler": "lcm"}
 
 
 def _folder_defaults(config, folder):
@@ -130,6 +133,8 @@ class Text2Image:
         self.config = parts["config"]
         # Generation defaults of the model folder ("defaults" in its config.json).
         self.defaults = dict(DEFAULTS)
+        if sampling.guidance_embedded(parts["unet"]):
+            self.defaults.update(DISTILLED_DEFAULTS)
         self.defaults.update(_folder_defaults(self.config, self.model_path))
         if scheduler is None:
             scheduler = self.defaults["scheduler"]
@@ -311,7 +316,8 @@ class Text2Image:
         def generate(text, extra, latents, tables, guidance, temperature, seed, rescale, start, end, cond):
             context, added = self._context(text, extra, use_guidance, clip_skip, zero_uncond)
             plan = sampling.Plan(scheduler, tables, guidance, use_guidance, seed, temperature, cond, added,
-                                 rescale if rescale_on else None)
+                                 rescale if rescale_on else None,
+                                 sampling.guidance_condition(self.unet, guidance, ops.shape(latents)[0]))
             latents = sampling.denoise(self.unet, plan, latents, context, start, end)
             return (self.decode(latents) if decode else latents), latents
 
@@ -324,7 +330,8 @@ class Text2Image:
 
         def step(latents, state, i, context, added, tables, guidance, temperature, seed, rescale_value, cond):
             plan = sampling.Plan(scheduler, tables, guidance, use_guidance, seed, temperature, cond, added,
-                                 rescale_value if rescale else None)
+                                 rescale_value if rescale else None,
+                                 sampling.guidance_condition(self.unet, guidance, ops.shape(latents)[0]))
             latents, state, _ = sampling.denoise_step(self.unet, plan, latents, state, i, context)
             return latents, state
 
@@ -465,8 +472,11 @@ class Text2Image:
         """Generate images; returns uint8 [len(prompts) * batch_size, H, W, 3].
 
         `negative_prompt` replaces the empty unconditional prompt of classifier-free
-        guidance (used when the guidance scale is above 1). `seed` makes runs
-        repeatable: image i of the batch uses seed + i. `latents` [B, h, w, 4] (NHWC)
+        guidance (used when the guidance scale is above 1). A guidance-distilled UNet (an LCM
+        model: `time_cond_proj_dim`) takes the scale as an input instead (w = scale - 1, as
+        diffusers' LatentConsistencyModelPipeline) and runs no unconditional pass, so it reads
+        no negative prompt; its defaults are 4 steps, guidance 8.5 and the "lcm" scheduler.
+        `seed` makes runs repeatable: image i of the batch uses seed + i. `latents` [B, h, w, 4] (NHWC)
         replaces the random start (it is multiplied by the scheduler's `init_noise_sigma`;
         when editing it is the standard-normal noise used in place of the seeded one).
         `temperature` scales the fresh noise of stochastic samplers (DDPM, Euler ancestral,
@@ -547,8 +557,9 @@ class Text2Image:
         timesteps = sched.set_timesteps(num_steps)  # before init_noise_sigma (it may depend on it)
         noise = self._start_noise(request.latents, seeds, shape, size)
 
-        # 2. Encode the prompt: tokens and weights here, the text encoder inside the compiled function
-        use_guidance = guidance > 1.0
+        # 2. Encode the prompt: tokens and weights here, the text encoder inside the compiled function.
+        # A guidance-distilled UNet takes the scale as an input: no unconditional pass (as diffusers).
+        use_guidance = guidance > 1.0 and not sampling.guidance_embedded(self.unet)
         zero_uncond = use_guidance and request.negative_prompt is None and self.flags["force_zeros_for_empty_prompt"]
         (ids, weights), (uncond_ids, uncond_weights) = self.conditioning.pair(prompts, negatives)
         text = {"ids": tuple(tf.constant(i) for i in ids), "weights": tf.constant(weights)}

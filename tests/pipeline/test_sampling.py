@@ -90,3 +90,30 @@ def test_known_region_ends_as_the_image_latents():
     out = np.asarray(sampling.denoise(toy_unet, plan, latents, context))
     np.testing.assert_array_equal(out[:, 2:], 0.25)  # kept: the un-noised image latents after the last step
     assert not np.allclose(out[:, :2], 0.25)
+
+
+def test_timestep_cond_goes_through_the_plan():
+    """A guidance-distilled UNet gets `plan.timestep_cond` (one row per UNet input row); others get nothing."""
+    sched = schedulers.get("lcm")
+    sched.set_timesteps(4)
+    latents, context, cond_context = _inputs()
+    seen = []
+
+    def distilled_unet(x, t, context, timestep_cond=None):
+        seen.append(None if timestep_cond is None else tuple(timestep_cond.shape))
+        return toy_unet(x, t, context) + tf.reshape(tf.reduce_sum(timestep_cond, axis=1), (-1, 1, 1, 1))
+
+    class Distilled:  # what guidance_condition reads off a UNet
+        time_cond_proj_dim = 8
+
+    cond = sampling.guidance_condition(Distilled(), tf.constant(3.0), 2)
+    assert tuple(cond.shape) == (2, 8) and sampling.guidance_condition(toy_unet, 3.0, 2) is None
+    plan = sampling.Plan(sched, guidance=3.0, timestep_cond=cond)
+    out = sampling.model_output(distilled_unet, plan, latents, 1, cond_context)
+    t = sched.model_timestep(1)
+    expected = toy_unet(latents, t, cond_context) + tf.reshape(tf.reduce_sum(cond, axis=1), (-1, 1, 1, 1))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-6)
+    guided = sampling.Plan(sched, guidance=3.0, use_guidance=True, timestep_cond=cond)
+    sampling.model_output(distilled_unet, guided, latents, 1, context)
+    assert seen == [(2, 8), (4, 8)]
+    sampling.model_output(toy_unet, sampling.Plan(sched), latents, 1, cond_context)  # no timestep_cond argument

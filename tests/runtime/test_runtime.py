@@ -102,3 +102,64 @@ def test_load_folder_applies_the_heap_setting_after_loading(monkeypatch):
     assert applied == [3] and set(parts) >= {"text_encoder", "unet", "vae"}
     components.build_model("vae", parts["config"]["vae"])
     assert applied == [3]  # building a network changes no process state
+
+
+def test_compile_cache_option():
+    assert runtime.from_environ({"DIFFUSION_TF_COMPILE_CACHE": "0"}).compile_cache is False
+    assert runtime.from_environ({"DIFFUSION_TF_COMPILE_CACHE": ""}).compile_cache is True
+    with pytest.raises(ValueError, match="compile_cache='yes'; must be True or False"):
+        runtime.Options(compile_cache="yes")
+
+
+def test_enable_compile_cache_adds_the_flag_once_per_version_folder(tmp_path):
+    env = {"TF_XLA_FLAGS": "--tf_xla_auto_jit=0"}
+    with runtime.overridden(home=str(tmp_path), compile_cache=True):
+        folder = runtime.enable_compile_cache(env)
+        assert folder == runtime.compile_cache_dir()
+        assert folder.startswith(str(tmp_path / "xla-cache" / "tf-"))
+        assert env["TF_XLA_FLAGS"] == f"--tf_xla_auto_jit=0 --tf_xla_persistent_cache_directory={folder}"
+        assert runtime.enable_compile_cache(env) == folder  # a second call adds nothing
+        assert env["TF_XLA_FLAGS"].count("persistent_cache_directory") == 1
+
+
+def test_a_users_cache_flag_is_kept_and_the_option_can_turn_it_off(tmp_path):
+    mine = {"TF_XLA_FLAGS": "--tf_xla_persistent_cache_directory=/elsewhere"}
+    with runtime.overridden(home=str(tmp_path), compile_cache=True):
+        assert runtime.enable_compile_cache(mine) == "/elsewhere"
+    assert mine == {"TF_XLA_FLAGS": "--tf_xla_persistent_cache_directory=/elsewhere"}
+    off = {}
+    with runtime.overridden(home=str(tmp_path), compile_cache=False):
+        assert runtime.enable_compile_cache(off) is None
+    assert off == {} and not (tmp_path / "xla-cache").exists()
+
+
+_CACHED_RUN = """
+import sys
+sys.path.insert(0, {tests!r})
+from support import tiny_models
+from diffusion_tf import Text2Image
+t2i = Text2Image(model=tiny_models.converted_folder("tiny-sd1"), img_height=64, img_width=64, jit_compile=True)
+image = t2i.generate("a red square", num_steps=2, seed=1)
+print("IMAGE", int(image.astype("int64").sum()))
+"""
+
+
+@pytest.mark.integration
+def test_a_second_process_loads_the_compiled_loop_from_the_cache(tmp_path):
+    """The same generation in two fresh processes: the first writes XLA's executables under
+    <home>/xla-cache/tf-<version>, the second loads them (TensorFlow's log says so) instead of
+    compiling, and makes the same image."""
+    env = dict(os.environ, DIFFUSION_TF_HOME=str(tmp_path), DIFFUSION_TF_COMPILE_CACHE="1",
+               TF_CPP_MIN_LOG_LEVEL="0", TF_CPP_VMODULE="device_executable_persistor=1")
+    env.pop("TF_XLA_FLAGS", None)
+    code = _CACHED_RUN.format(tests=str(ROOT / "tests"))
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+            for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-3000:]
+    entries = list((tmp_path / "xla-cache").glob("tf-*/*.pb"))
+    assert entries, "the first process wrote no cache entry"
+    assert "Loading cached entry" not in runs[0].stderr
+    assert "Loading cached entry" in runs[1].stderr
+    images = [line for r in runs for line in r.stdout.splitlines() if line.startswith("IMAGE")]
+    assert len(images) == 2 and images[0] == images[1]
