@@ -18,7 +18,7 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["diffusion_tf", "diffusion_tf.*", "weights_port", "weights_port.*"]),
     package_data={
-        "diffusion_tf": ["data/clip/*", "data/shapes_model/*", "presets/*.json"],
+        "diffusion_tf": ["data/clip/*", "data/shapes_model/*", "presets/*.json", "presets/vae/*.json"],
     },
     py_modules=["text2image"],
     install_requires=[

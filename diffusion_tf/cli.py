@@ -143,6 +143,14 @@ def build_parser():
         f"converted the first time. Default: {DEFAULT_MODEL} if it is already downloaded, else {BUILTIN_MODEL}.",
     )
     p.add_argument(
+        "--vae", metavar="FOLDER|FILE|PRESET", default=None,
+        help="decode (and encode) with another VAE: taesd or taesdxl (madebyollin's tiny autoencoders, downloaded "
+        "and converted once), a VAE folder (`python -m weights_port --vae SRC DST`), a model folder, a TAESD or "
+        "AutoencoderKL file (.safetensors or .pth/.ckpt, read without running code) or diffusers folder. It must "
+        "fit the model: the same latent channels, and an AutoencoderKL the model's scaling factor. Default: the "
+        "model's own.",
+    )
+    p.add_argument(
         "--attention", choices=("standard", "linear"), default=None,
         help="UNet self-attention: standard (softmax) or linear (LinearAttention: an approximation "
         "for softmax-trained weights, less memory at large sizes). Default: the model's own "
@@ -464,6 +472,12 @@ def validate(parser, args, argv=None):
     outpaint = _outpaint(parser, args.outpaint)
     if args.refiner is not None and not args.refiner:
         parser.error("--refiner: must be a model folder or a preset name")
+    if args.vae is not None:
+        from diffusion_tf.presets.vae import list_vae_presets
+
+        if not args.vae or not (os.path.exists(args.vae) or args.vae in list_vae_presets()):
+            parser.error(f"--vae {args.vae}: no such file or folder, and not a VAE preset "
+                         f"({', '.join(list_vae_presets())})")
     if values["denoising_end"] is not None and args.refiner is None:
         parser.error(f"--denoising-end {args.denoising_end}: only with --refiner (the base hands its latents over)")
     if args.refiner is not None and values["denoising_end"] is None:
@@ -713,6 +727,16 @@ def main(argv=None):
         except OSError as e:  # an unreadable file of the model folder (ValueErrors: below)
             err.write(f"{prog}: error: cannot load model {args.model}: {_one_line(e)}\n")
             return EXIT_USAGE
+        if args.vae is not None:
+            err.write(f"loading VAE {args.vae} ...\n")
+            err.flush()
+            try:
+                t2i.load_vae(args.vae)
+            except ValueError as e:
+                message = _one_line(e)
+                message = message[len(f"vae={args.vae!r}: "):] if message.startswith(f"vae={args.vae!r}: ") else message
+                err.write(f"{prog}: error: --vae {args.vae}: {message}\n")
+                return EXIT_USAGE
         problem = load_networks(t2i, args, request)
         if problem:
             err.write(f"{prog}: error: {problem}\n")
@@ -731,6 +755,7 @@ def main(argv=None):
             f"CFG {request.guidance_scale:g}, seed {request.seed}"
             + (f"..{(request.seed + request.batch_size - 1) % (MAX_SEED + 1)}" if request.batch_size > 1 else "")
             + (f", clip skip {request.clip_skip}" if request.clip_skip else "")
+            + (f", VAE {args.vae}" if args.vae is not None else "")
             + (", XLA" if args.jit_compile else "")
             + (f", refiner {args.refiner} from {request.denoising_end:g} of the schedule" if args.refiner else "")
             + "\n"

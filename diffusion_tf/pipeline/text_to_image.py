@@ -18,7 +18,7 @@ from keras import ops
 from diffusion_tf import a1111, compiler_memory, schedulers
 from diffusion_tf.components import load_folder
 from diffusion_tf.model_folder import TOKENIZERS, pipeline_flags
-from diffusion_tf.pipeline import editing, sampling, sdxl
+from diffusion_tf.pipeline import editing, sampling, sdxl, vae_swap
 from diffusion_tf.prompts import syntax, textual_inversion
 from diffusion_tf.prompts.conditioning import TextConditioning
 from diffusion_tf.presets.resolve import resolve_model
@@ -100,6 +100,7 @@ class Text2Image:
         long_prompts: "chunks" (the default: a prompt over 75 tokens is encoded in 77-token
             chunks and concatenated, as A1111) or "truncate" (cut at 77 tokens with a warning,
             as diffusers).
+        vae: decode and encode with another VAE; see `load_vae` (None: the model's own).
     """
 
     def __init__(
@@ -120,6 +121,7 @@ class Text2Image:
         embedding_dir=None,
         prompt_syntax="a1111",
         long_prompts="chunks",
+        vae=None,
     ):
         # === Config ===
         check_attention(attention)
@@ -141,6 +143,8 @@ class Text2Image:
         # === Components ===  (SDXL: two tokenizers and text encoders; its refiner only the second)
         self.unet = parts["unet"]
         self.vae = parts["vae"]
+        self._own_vae, self._vae_config, self.vae_name = self.vae, self.config["vae"], None
+        self._download = download
         self.text_encoder, self.text_encoder_2 = parts.get("text_encoder"), parts.get("text_encoder_2")
         self.tokenizer_2 = parts.get("tokenizer_2")
         self.tokenizer = parts.get("tokenizer", self.tokenizer_2)
@@ -163,6 +167,8 @@ class Text2Image:
         self.attention = self.unet.attention
         self.last_seeds = None
         self._functions = {}
+        if vae is not None:
+            self.load_vae(vae)
         for item in loras or ():
             path, scale = (item, 1.0) if isinstance(item, (str, os.PathLike)) else item
             self.load_lora(path, scale)
@@ -188,6 +194,33 @@ class Text2Image:
             raise ValueError(
                 f"{self.model_path!r}: the UNet reads {self.num_time_ids} time ids but the folder says "
                 f"requires_aesthetics_score={aesthetics} ({5 if aesthetics else 6} expected).")
+
+    def load_vae(self, vae):
+        """Decode (and encode) with another VAE from now on; returns its label (None: the model's own).
+
+        `vae`: a VAE folder (`python -m weights_port --vae SRC DST`), a model folder (its VAE), a
+        VAE preset ("taesd" for SD 1.x/2.x, "taesdxl" for SDXL; downloaded and converted once), a
+        TAESD (a diffusers AutoencoderTiny folder or file, madebyollin's taesd_encoder/taesd_decoder
+        .safetensors or .pth) or an AutoencoderKL (a diffusers folder such as sdxl-vae-fp16-fix, or
+        one file in the original `first_stage_model.*` / bare `encoder.*` layout or diffusers'),
+        read without running code; None: back to the model's own VAE. The rules
+        (`diffusion_tf.pipeline.vae_swap`): the same latent channels and downsampling factor as the
+        model's VAE; an AutoencoderKL with the model's scaling factor (a file records none: it takes
+        the model's); a TAESD with scaling factor 1.0 (it decodes the sampler's latents as they are,
+        as diffusers' `pipe.vae = AutoencoderTiny(...)`). Anything else is a ValueError naming the
+        value, and the pipeline is unchanged."""
+        if vae is None:
+            model, section, label = self._own_vae, self.config["vae"], None
+        else:
+            family = "sdxl" if self.is_xl else "sd"
+            with self.strategy.scope():
+                model, section, label = vae_swap.load_vae(
+                    vae, vae_swap.reference(self._own_vae), family, dtype=self._own_vae.dtype_policy.name,
+                    download=self._download)
+        self.vae, self._vae_config, self.vae_name = model, section, label
+        self._functions = {}  # the compiled functions hold the previous VAE
+        self._vae32 = None
+        return label
 
     @property
     def text_layers(self):
@@ -787,7 +820,7 @@ class Text2Image:
         if getattr(self, "_vae32", None) is None:
             from diffusion_tf.components import build_model
 
-            vae = build_model("vae", self.config["vae"], "float32")
+            vae = build_model("vae", self._vae_config, "float32")
             for target, source in zip(vae.weights, self.vae.weights):
                 target.assign(ops.cast(source, "float32"))
             self._vae32 = vae

@@ -25,6 +25,8 @@ One job per module, each importing only those before it:
     download.py   fetching a checkpoint verified by its pinned sha256
     resolve.py    ensure_preset (download, then convert once with weights_port),
                   default_model, and resolve_model (folder / preset / "shapes" / None)
+    vae.py        the VAE presets (taesd, taesdxl: data in presets/vae/), ensure_vae_preset and
+                  resolve_vae (what `vae=` names); they are not model presets
 
 Importing this package imports neither TensorFlow nor Keras.
 """

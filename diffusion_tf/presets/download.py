@@ -9,16 +9,19 @@ class PresetUnavailableError(ValueError):
     """A preset's weights are not on disk and could not (or may not) be downloaded."""
 
 
-def fetch(name, folder, ckpt):
+def fetch(name, folder, ckpt, command=None, use="model"):
     """Download the checkpoint `ckpt` (a preset's "checkpoint" entry, with a pinned sha256) into
     <cache>/downloads, verified; its path. Any failure raises PresetUnavailableError saying how
-    to install the weights of preset `name` into `folder` by hand."""
+    to install the weights of preset `name` into `folder` by hand (`command`: the conversion to
+    run on the downloaded file, default weights_port's with --config NAME; `use`: the argument that
+    takes the folder)."""
     url, filename, sha256 = ckpt["url"], ckpt["filename"], ckpt["sha256"]
     root = cache.cache_dir()
     target = os.path.join(root, "downloads", filename)
     if not os.access(root, os.W_OK):
         raise PresetUnavailableError(
-            unavailable(name, folder, ckpt, f"the cache folder {root!r} is not writable (set DIFFUSION_TF_HOME)")
+            unavailable(name, folder, ckpt, f"the cache folder {root!r} is not writable (set DIFFUSION_TF_HOME)",
+                        command, use)
         )
     import keras
 
@@ -42,18 +45,22 @@ def fetch(name, folder, ckpt):
         if len(reason) > 300:
             reason = reason[:297] + "..."
         raise PresetUnavailableError(
-            unavailable(name, folder, ckpt, f"downloading the checkpoint from {url} failed ({reason})")
+            unavailable(name, folder, ckpt, f"downloading the checkpoint from {url} failed ({reason})", command, use)
         ) from e
 
 
-def unavailable(name, folder, ckpt, why):
-    """The message of a PresetUnavailableError: what is missing, why, and the manual install."""
+def unavailable(name, folder, ckpt, why, command=None, use="model"):
+    """The message of a PresetUnavailableError: what is missing, why, and the manual install
+    (`command`: the conversion, "{file}" standing for the downloaded file; default weights_port's;
+    `use`: the argument that takes the converted folder)."""
     sha = ckpt.get("sha256")
     check = f" (sha256 {sha})" if sha else ""
+    command = command or f"python -m weights_port {{file}} {folder} --config {name}"
+    command = command.replace("{file}", "<downloaded file>")
     return (
         f"preset {name!r}: the converted weights are not on disk at {folder}, and {why}. "
         f"To install them by hand, download {ckpt['filename']}{check} from {ckpt['url']} "
         f"on a machine that can reach it, then run:\n"
-        f"    python -m weights_port <downloaded file> {folder} --config {name}\n"
-        f"(or convert it into any folder and pass model=<that folder>)."
+        f"    {command}\n"
+        f"(or convert it into any folder and pass {use}=<that folder>)."
     )
