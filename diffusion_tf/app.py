@@ -155,9 +155,11 @@ class Generator:
     def run(self, prompt, negative_prompt="", steps=None, guidance=None, seed=None, scheduler=None,
             width=None, height=None, batch=1, attention=None, init_image=None, strength=0.8, mask=None,
             outpaint=None, clip_skip=None, loras=(), lora_scale=1.0, guidance_rescale=0.0, original_size=None,
-            target_size=None, crops_coords_top_left=None, progress=None, session=None):
+            target_size=None, crops_coords_top_left=None, progress=None, session=None, preview=None):
         """Generate and save; returns [(path, caption)]. AppError for bad input, Cancelled when stopped.
 
+        `preview`: sink(k, n, images) for live previews (uint8 images of the latents so far, about
+        ten per generation: `preview_every`), called from this thread while it denoises.
         `clip_skip`: diffusers' (1 = A1111's Clip skip 2). `loras`: names of the LoRA folder's files,
         each merged at `lora_scale` as a `<lora:NAME:SCALE>` tag added to the prompt (a name the prompt
         already tags keeps the prompt's scale); the PNG records that prompt and the LoRAs' hashes.
@@ -239,8 +241,13 @@ class Generator:
                     if progress is not None:
                         progress((k, n), desc="denoising")
 
+                shown = None
+                if preview is not None:
+                    from diffusion_tf.pipeline.preview import Preview
+
+                    shown = Preview(preview_every(request.num_steps), preview)
                 try:
-                    images = pipe.run(request, callback=callback)
+                    images = pipe.run(request, callback=callback, preview=shown)
                 except Cancelled:
                     raise
                 except ValueError as e:
@@ -261,6 +268,32 @@ class Generator:
                 return out
         finally:
             self._cancel.pop(session, None)
+
+
+def preview_every(num_steps):
+    """Steps between the web UI's previews: about ten per generation, at least one step apart."""
+    return max(1, int(num_steps) // 10)
+
+
+def previews_while(run):
+    """Run `run(sink)` in a thread; yields ("preview", images) for each preview it sinks, then
+    ("done", result) or ("error", exception). The page's generator shows the images as they come."""
+    import queue
+
+    items = queue.Queue()
+
+    def work():
+        try:
+            items.put(("done", run(lambda _k, _n, images: items.put(("preview", images)))))
+        except BaseException as e:  # handed to the caller's thread, which raises it
+            items.put(("error", e))
+
+    threading.Thread(target=work, daemon=True).start()
+    while True:
+        kind, value = items.get()
+        yield kind, value
+        if kind != "preview":
+            return
 
 
 # ------------------------------------------------------------------ inputs from the page
@@ -403,13 +436,21 @@ def build_demo(generator, max_upload_mb=DEFAULT_MAX_UPLOAD_MB):
                     if not any(sides.values()):
                         raise AppError("Choose how many pixels to add on at least one side.")
                     kwargs.update(init_image=load_upload(image_path), outpaint={k: v for k, v in sides.items() if v})
-                results = generator.run(progress=progress, session=session, **kwargs)
             except AppError as e:
                 raise page_error(e) from None
-            except Cancelled:
-                gr.Info("Generation stopped.")
-                return gr.update(), "stopped"
-            return results, f"{len(results)} image(s) in {generator.output_dir}"
+            for kind, value in previews_while(
+                    lambda sink: generator.run(progress=progress, session=session, preview=sink, **kwargs)):
+                if kind == "preview":  # the images so far, in the gallery's place
+                    yield [(image, "denoising") for image in value], "denoising..."
+                elif kind == "error" and isinstance(value, AppError):
+                    raise page_error(value) from None
+                elif kind == "error" and isinstance(value, Cancelled):
+                    gr.Info("Generation stopped.")
+                    yield gr.update(), "stopped"
+                elif kind == "error":
+                    raise value
+                else:
+                    yield value, f"{len(value)} image(s) in {generator.output_dir}"
 
         return run
 

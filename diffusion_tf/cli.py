@@ -182,6 +182,12 @@ def build_parser():
         help="also save a contact sheet of all the images as <output stem>_grid.png.",
     )
     p.add_argument(
+        "--preview", metavar="N", type=_preview_every, default=None,
+        help="every N steps, write what the image looks like so far to <output stem>_preview.png "
+        "(all the batch's images on one sheet; replaced each time): the latents through a fixed "
+        "latent-to-RGB map, or the tiny decoder's image when --vae is a TAESD. N >= 1.",
+    )
+    p.add_argument(
         "--temperature", metavar="T", default="1.0",
         help="scale of the fresh noise of stochastic samplers (ddpm, euler_a), >= 0; "
         "deterministic ones ignore it. Default: 1.0.",
@@ -497,6 +503,42 @@ def validate(parser, args, argv=None):
     return args
 
 
+def _preview_every(text):
+    """--preview N: an integer >= 1 (argparse turns the error into exit code 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1 (steps between previews)")
+    return value
+
+
+def preview_path(output):
+    """Where --preview writes: <output stem>_preview.png."""
+    return os.path.splitext(output)[0] + "_preview.png"
+
+
+def _preview(args):
+    """The Preview of --preview N (None without it)."""
+    if getattr(args, "preview", None) is None:
+        return None
+    from diffusion_tf.pipeline.preview import Preview
+
+    return Preview(args.preview, preview_writer(preview_path(args.output)))
+
+
+def preview_writer(path):
+    """A preview sink that writes the images as one sheet to `path` (save_png: through a temporary
+    name, so that a viewer never reads a half-written file)."""
+    from diffusion_tf.png_info import save_png
+
+    def sink(_k, _n, images):
+        save_png(path, contact_sheet(list(images)) if len(images) > 1 else images[0], None)
+
+    return sink
+
+
 def output_paths(output, count):
     """`output` for one image; `stem_1.png`, `stem_2.png`, ... for several."""
     if count == 1:
@@ -657,7 +699,7 @@ def _base_then_refiner(t2i, request, args, bar, err):
 
     kw = generate_kwargs(request)
     latents = t2i.generate(args.prompt_text, negative_prompt=args.negative_text, callback=bar, output_type="latent",
-                           **kw)
+                           preview=_preview(args), **kw)
     bar.close()
     t2i.unet = None
     gc.collect()
@@ -673,7 +715,7 @@ def _base_then_refiner(t2i, request, args, bar, err):
         kw.pop(edit, None)
     bar = ProgressBar(err)  # the refiner's steps: a bar of their own
     images = refiner.generate(plain(args.prompt_text), negative_prompt=plain(args.negative_text), callback=bar,
-                              init_latents=latents, denoising_start=request.denoising_end,
+                              init_latents=latents, denoising_start=request.denoising_end, preview=_preview(args),
                               scheduler=request.scheduler, **kw)
     bar.close()
     return images, presets.model_label(args.refiner, refiner.model_path)
@@ -765,7 +807,7 @@ def main(argv=None):
         bar = ProgressBar(err)
         if args.refiner is None:
             images = t2i.generate(args.prompt_text, negative_prompt=args.negative_text, callback=bar,
-                                  **generate_kwargs(request))
+                                  preview=_preview(args), **generate_kwargs(request))
         else:
             images, refiner_name = _base_then_refiner(t2i, request, args, bar, err)
         bar.close()

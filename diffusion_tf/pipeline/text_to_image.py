@@ -18,6 +18,8 @@ from keras import ops
 from diffusion_tf import a1111, compiler_memory, schedulers
 from diffusion_tf.components import load_folder
 from diffusion_tf.model_folder import TOKENIZERS, pipeline_flags
+from diffusion_tf.models.autoencoder_tiny import AutoencoderTiny
+from diffusion_tf.pipeline.preview import Preview, approximate_rgb
 from diffusion_tf.pipeline import editing, sampling, sdxl, vae_swap
 from diffusion_tf.prompts import syntax, textual_inversion
 from diffusion_tf.prompts.conditioning import TextConditioning
@@ -501,6 +503,7 @@ class Text2Image:
         guidance_rescale=0.0,
         denoising_start=None,
         denoising_end=None,
+        preview=None,
     ):
         """Generate images; returns uint8 [len(prompts) * batch_size, H, W, 3].
 
@@ -516,7 +519,10 @@ class Text2Image:
         DDIM with eta > 0); deterministic ones ignore it. `callback(k, n, t)` is called
         after every model evaluation, n = the number of evaluations that run (len(timesteps):
         2 * num_steps - 1 for Heun, num_steps + 1 for PNDM; fewer when editing with
-        strength < 1); the loop then runs step by step on the host.
+        strength < 1); the loop then runs step by step on the host. `preview`: a
+        `diffusion_tf.pipeline.preview.Preview(every, sink)`: `sink(k, n, images)` gets uint8
+        previews of the current latents after every `every`-th step (`preview_images`), also
+        step by step.
         `scheduler`: a scheduler name for this call only (e.g. "dpm++2m-karras"; default:
         the constructor's). `num_steps` and `unconditional_guidance_scale` default to the
         model's (`self.defaults`: 50 and 7.5 unless the model folder's config.json says
@@ -563,9 +569,10 @@ class Text2Image:
             negative_aesthetic_score=negative_aesthetic_score, guidance_rescale=guidance_rescale,
             denoising_start=denoising_start, denoising_end=denoising_end,
         )
-        return self.run(request, callback=callback, init_latents=init_latents, output_type=output_type)
+        return self.run(request, callback=callback, init_latents=init_latents, output_type=output_type,
+                        preview=preview)
 
-    def run(self, request, callback=None, init_latents=None, output_type="np"):
+    def run(self, request, callback=None, init_latents=None, output_type="np", preview=None):
         """`generate` for a `GenerationRequest` (its `model` and `attention` are not used)."""
         # 1. Check inputs
         request.validate()
@@ -627,16 +634,19 @@ class Text2Image:
         bounds = (tf.constant(start, "int32"), tf.constant(end, "int32"))
         key = (use_guidance, sched, tuple(sorted(cond)), tuple(int(d) for d in latents.shape[1:3]), clip_skip,
                zero_uncond, use_guidance and request.guidance_rescale > 0)
-        fn = self._generate_fn(*key, decode=decode) if callback is None else self._step_fn(*key)
+        if preview is not None and not isinstance(preview, Preview):
+            raise ValueError(f"preview={preview!r}; give a diffusion_tf.pipeline.preview.Preview(every, sink).")
+        stepwise = callback is not None or preview is not None
+        fn = self._step_fn(*key) if stepwise else self._generate_fn(*key, decode=decode)
         with compiler_memory.released(fn.experimental_get_tracing_count() == 0):
-            if callback is None and self.strategy.num_replicas_in_sync > 1:
+            if not stepwise and self.strategy.num_replicas_in_sync > 1:
                 images, latents = self._distributed_generate(
                     fn, self.strategy.num_replicas_in_sync, text, extra, latents, tables, args, bounds, cond)
-            elif callback is None:
+            elif not stepwise:
                 images, latents = fn(text, extra, latents, tables, *args, *bounds, cond)
             else:
                 latents = self._run_with_callback(fn, key, text, extra, latents, tables, args, start, end,
-                                                  cond, timesteps, callback)
+                                                  cond, timesteps, callback, preview)
                 images = self._compiled(("decode", key[3]), self.decode)(latents) if decode else latents
         if not decode:
             return np.asarray(latents, "float32")
@@ -745,8 +755,9 @@ class Text2Image:
         return latents, start, cond
 
     def _run_with_callback(self, fn, key, text, extra, latents, tables, args, start, end, cond, timesteps,
-                           callback):
-        """The loop on the host, one compiled step at a time, calling `callback(k, n, t)` after each."""
+                           callback, preview=None):
+        """The loop on the host, one compiled step at a time, calling `callback(k, n, t)` after each
+        and the preview's sink where it is due."""
         use_guidance, clip_skip, zero_uncond = key[0], key[4], key[5]
         context, added = self._compiled(
             ("context", use_guidance, clip_skip, zero_uncond),
@@ -755,8 +766,20 @@ class Text2Image:
         run = end - start
         for k, t in enumerate(timesteps[start:end]):
             latents, state = fn(latents, state, tf.constant(start + k, "int32"), context, added, tables, *args, cond)
-            callback(k, run, t.item())
+            if callback is not None:
+                callback(k, run, t.item())
+            if preview is not None and preview.due(k, run):
+                preview.sink(k, run, self.preview_images(latents))
         return latents
+
+    def preview_images(self, latents):
+        """uint8 RGB previews [B, H, W, 3] of latents [B, h, w, 4] (the sampler's, part-way): the
+        tiny decoder's images when the VAE is one (TAESD), else the family's latent-to-RGB map
+        (`diffusion_tf.pipeline.preview`), nearly free."""
+        if isinstance(self.vae, AutoencoderTiny):
+            size = tuple(int(d) for d in latents.shape[1:3])
+            return to_uint8(np.asarray(self._compiled(("decode", size), self.decode)(latents)))
+        return approximate_rgb(np.asarray(latents), "sdxl" if self.is_xl else "sd", self.vae.downsampling_factor)
 
     def _distributed_generate(self, fn, replicas, text, extra, latents, tables, args, bounds, cond):
         """`fn` on each replica with its contiguous share of the batch (shares differ by at most

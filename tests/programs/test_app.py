@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 
 import numpy as np
+from PIL import Image
 import pytest
 
 gradio_client = pytest.importorskip("gradio_client", reason="the web UI tests need gradio (pip install '.[app]')")
@@ -285,6 +286,19 @@ def test_concurrent_users_all_get_their_images(client, app):
     from diffusion_tf.png_info import read_parameters
 
     assert sorted(read_parameters(p)["seed"] for p in paths) == [31, 32, 33, 34]
+
+
+def test_the_gallery_shows_previews_while_it_denoises(client):
+    """A generation streams its previews (about ten: every steps // 10) before the saved images."""
+    job = client.submit("a cat", "", 20, 4.0, "ddim", 2, False, 2, "model default", 64, 64, api_name="/txt2img")
+    job.result(timeout=300)
+    outputs = job.outputs()
+    statuses = [status for _, status in outputs]
+    assert statuses[:-1] == ["denoising..."] * 9 and statuses[-1].startswith("2 image(s) in ")
+    previews, final = outputs[-2][0], outputs[-1][0]
+    assert len(previews) == len(final) == 2
+    with Image.open(previews[0]["image"]) as im:
+        assert im.size == (64, 64)
 
 
 def test_a_request_can_be_cancelled(client):

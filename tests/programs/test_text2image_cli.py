@@ -145,6 +145,9 @@ BAD = [
     (["--prompt", "a <lora:x:abc>"], "'abc' is not a finite number"),
     (["--prompt", "a <lora:missing:1>", "--lora-dir", "."], "<lora:missing> in the prompt: no LoRA file named 'missing'"),
     (["--negative-prompt", "<hypernet:h:1>"], "--negative-prompt: prompt tag '<hypernet:h:1>'"),
+    (["--preview", "0"], "--preview: '0' is not an integer >= 1"),
+    (["--preview", "-3"], "--preview: '-3' is not an integer >= 1"),
+    (["--preview", "2.5"], "--preview: '2.5' is not an integer >= 1"),
 ]
 
 
@@ -247,6 +250,16 @@ def test_real_run_writes_numbered_pngs(real_run):
     for name in first["files"]:
         with Image.open(folder / "tmp" / name) as im:
             assert im.format == "PNG" and im.mode == "RGB" and im.size == (64, 64)
+
+
+def test_preview_writes_a_sheet_of_the_batch_next_to_the_output(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(["--model", tiny_model, "--prompt", PROMPT, "--preview", "1"] + RUN_ARGS)
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path / "tmp")) == ["out_1.png", "out_2.png", "out_preview.png"]  # no temporaries
+    with Image.open(tmp_path / "tmp" / "out_preview.png") as im:
+        assert im.size == (2 * 64 + 3 * 2, 64 + 2 * 2)  # both images on one contact sheet
+    assert out.split() == [os.path.join("tmp", "out_1.png"), os.path.join("tmp", "out_2.png")]
 
 
 def test_real_run_parameters_chunk(real_run, tiny_model):
