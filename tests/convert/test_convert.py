@@ -229,5 +229,5 @@ def test_cli_looks_preset_names_up_for_the_converter(sd1_file, tmp_path, capsys)
     assert "looks like an SD1.x checkpoint" in (err := capsys.readouterr().err)
     assert "but --config 'sd-v2-1' describes an SD2.x model" in err
     assert run_cli([sd1_file, tmp_path / "x", "--config", "sd-v9"]) == 2
-    assert "unknown preset 'sd-v9'; valid presets: sd-v1-5, sd-v2-1, sd-v2-1-base" in capsys.readouterr().err
+    assert "unknown preset 'sd-v9'; valid presets: sd-turbo, sd-v1-5, sd-v2-1, sd-v2-1-base" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
