@@ -121,6 +121,7 @@ def test_no_negative_prompt_is_not_the_empty_prompt(pipelines):
     assert np.abs(out.astype(int) - ref["gen_none_image"].astype(int)).max() > 2
 
 
+@pytest.mark.heavy  # 10-20 s: with CI's heavy run, out of the default suite's time
 def test_base_to_refiner_hand_off(pipelines):
     base_ref, refiner_ref = ref_of("tiny-sdxl"), ref_of("tiny-sdxl-refiner")
     meta = base_ref["meta"]

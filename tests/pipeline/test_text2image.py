@@ -152,6 +152,7 @@ def test_unknown_model_and_missing_weights(folder, tmp_path):
     assert "unet.weights.h5" in str(e.value)
 
 
+@pytest.mark.heavy  # 10-20 s: with CI's heavy run, out of the default suite's time
 def test_generate_with_other_schedulers_each_built_once(pipe):
     """`scheduler=` overrides the constructor's choice for one call; each is traced once (every
     algorithm inside one XLA loop: tests/schedulers; the XLA pipeline: the test above)."""

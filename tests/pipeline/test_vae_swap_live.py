@@ -23,6 +23,7 @@ def _have(module):
 
 pytestmark = [
     pytest.mark.live,
+    pytest.mark.heavy,  # reruns the fixture script (about 25 s): with CI's heavy run
     pytest.mark.xdist_group("tiny-sd1"),
     pytest.mark.skipif(not all(_have(m) for m in ("torch", "diffusers", "transformers")),
                        reason="the live VAE check needs torch, diffusers and transformers"),

@@ -66,6 +66,7 @@ def test_a_vae_of_another_latent_width_is_exit_2_naming_the_option(tiny_folder, 
     assert not (tmp_path / "o.png").exists()
 
 
+@pytest.mark.heavy  # 10-20 s: with CI's heavy run, out of the default suite's time
 def test_a_run_with_taesd_equals_text2image_with_vae(tiny_folder, tmp_path, monkeypatch):
     from diffusion_tf import Text2Image
 

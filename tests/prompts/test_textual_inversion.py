@@ -78,6 +78,7 @@ def test_an_a1111_safetensors_takes_the_file_stem(clean, tmp_path):
     np.testing.assert_array_equal(clean.conditioning.extra_embeddings(), vec)
 
 
+@pytest.mark.heavy  # 10-20 s: with CI's heavy run, out of the default suite's time
 def test_the_embeddings_folder_words_load_when_a_prompt_uses_them(clean, tmp_path):
     shutil.copy(A1111, tmp_path / "EasyStyle.pt")
     own = clean.embedding_dir

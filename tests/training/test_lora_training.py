@@ -197,6 +197,7 @@ def test_loss_history_and_plot(trained):
     assert any("[lora] training epochs 1..2 x 2 steps, batch 4" in line for line in lines)
 
 
+@pytest.mark.heavy  # 10-20 s: with CI's heavy run, out of the default suite's time
 def test_resume_continues_exactly(tmp_path, trained, base, data):
     """1 epoch, then --resume to 2: the same file as the fixture's 2 epochs at once; a resumed
     run keeps its settings and its data; a finished one is "done"."""
