@@ -180,6 +180,8 @@ def cases(parts, sizes, configs, ref, ours, impls, compile_torch, threads=None):
         return variants
 
     ctx_dim = configs["unet"]["cross_attention_dim"]
+    # Every closure binds its own size's inputs (default arguments): a plain closure would read
+    # the loop's last inputs, so every size would run at the largest.
     for size in sizes:
         side = size // 8
         if "unet" in parts:
@@ -188,9 +190,9 @@ def cases(parts, sizes, configs, ref, ours, impls, compile_torch, threads=None):
             ctx = rng.standard_normal((2, 77, ctx_dim), np.float32)
             xt, tt, ct = tf.constant(x), tf.constant(t), tf.constant(ctx)
             tx, ttt, tc = _nchw(x), torch.from_numpy(t), torch.from_numpy(ctx)
-            fns = ours_variants(lambda: ours["unet"](xt, tt, ct))
+            fns = ours_variants(lambda xt=xt, tt=tt, ct=ct: ours["unet"](xt, tt, ct))
             unet = ref["unet"]
-            fns.update(torch_variants(lambda: unet(tx, ttt, encoder_hidden_states=tc).sample))
+            fns.update(torch_variants(lambda tx=tx, ttt=ttt, tc=tc: unet(tx, ttt, encoder_hidden_states=tc).sample))
             name = f"UNet step, {size} px, batch 2"
             fns.update(openvino_variants(name, unet, lambda m, x, t, c: m(x, t, encoder_hidden_states=c).sample,
                                          (tx, ttt, tc)))
@@ -198,9 +200,9 @@ def cases(parts, sizes, configs, ref, ours, impls, compile_torch, threads=None):
         if "vae" in parts:
             z = rng.standard_normal((1, side, side, 4), np.float32)
             zt, tz = tf.constant(z), _nchw(z)
-            fns = ours_variants(lambda: ours["vae"].decode(zt))
+            fns = ours_variants(lambda zt=zt: ours["vae"].decode(zt))
             vae = ref["vae"]
-            fns.update(torch_variants(lambda: vae.decode(tz).sample))
+            fns.update(torch_variants(lambda tz=tz: vae.decode(tz).sample))
             name = f"VAE decode, {size} px, batch 1"
             fns.update(openvino_variants(name, vae, lambda m, z: m.decode(z).sample, (tz,)))
             out[name] = fns
