@@ -5,9 +5,9 @@
     DIFFUSION_TF_KEEP_HEAP=0   glibc's heap defaults (default: keep large freed blocks, see
                                `compiler_memory.py`; it also selects the Winograd rule's bound)
     DIFFUSION_TF_HOME=DIR      the weights cache (default: ~/.cache/diffusion_tf)
-    DIFFUSION_TF_COMPILE_CACHE=0   no persistent XLA compilation cache (default: compiled XLA
-                               functions are kept in <home>/xla-cache/tf-<version>, so that
-                               another process with the same settings does not compile again)
+    DIFFUSION_TF_COMPILE_CACHE=1   keep compiled XLA functions on disk, in
+                               <home>/xla-cache/tf-<version>-<cpu>, so that another process
+                               with the same settings does not compile again (default: off)
 
 `options()` is the frozen `Options` of this process: the environment as it was at the first
 call. Every reader asks it, never `os.environ`, so that a traced graph and the cache folder
@@ -29,7 +29,12 @@ serialized XLA:CPU/GPU executables keyed by the fingerprint of the compiled prog
 different graph, shape or option never hits another's entry); XLA reads its flags at its first
 operation, so `import diffusion_tf` sets the flag (from the environment as it is then; the
 folder is created by `apply()`), and a process that ran TensorFlow before runs without it. A folder
-per TensorFlow version keeps one version's executables from another's compiler. An explicit
+per TensorFlow version and CPU (a hash of its model name and feature flags) keeps one version's
+executables from another's compiler, and one machine's code from another CPU: XLA:CPU loads an
+entry compiled for other CPU features with only an ERROR line ("could lead to SIGILL"), so a home
+folder shared between machines must not share entries. It is off by default because that ERROR
+line is also printed on every hit on the same machine (TF 2.21 compares tuning pseudo-features
+such as +prefer-no-gather with the host's ISA list), which a user reads as a failure. An explicit
 `--tf_xla_persistent_cache_directory` in TF_XLA_FLAGS is left as the user set it.
 
 Importing this module imports neither TensorFlow nor Keras.
@@ -54,7 +59,7 @@ class Options:
     winograd: bool = True
     keep_heap: bool = True
     home: "str | None" = None
-    compile_cache: bool = True
+    compile_cache: bool = False
 
     def __post_init__(self):
         for name in ("winograd", "keep_heap", "compile_cache"):
@@ -75,7 +80,7 @@ def from_environ(environ=None):
         winograd=env.get("DIFFUSION_TF_WINOGRAD", "1") != "0",
         keep_heap=env.get("DIFFUSION_TF_KEEP_HEAP", "1") != "0",
         home=env.get("DIFFUSION_TF_HOME") or None,
-        compile_cache=env.get("DIFFUSION_TF_COMPILE_CACHE", "1") != "0",
+        compile_cache=env.get("DIFFUSION_TF_COMPILE_CACHE", "0") == "1",
     )
 
 
@@ -122,8 +127,32 @@ def home_dir():
     return os.path.abspath(os.path.expanduser(options().home or os.path.join("~", ".cache", "diffusion_tf")))
 
 
+def cpu_fingerprint():
+    """12 hex digits naming this CPU: its model name and feature flags (/proc/cpuinfo), or the
+    platform's machine and processor strings where there is no /proc/cpuinfo."""
+    import hashlib
+    import platform
+
+    text = f"{platform.machine()} {platform.processor()}"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            fields = {}
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "flags", "Features", "CPU implementer", "CPU part") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip() and fields:
+                    break
+        text += " " + " ".join(f"{k}={v}" for k, v in sorted(fields.items()))
+    except OSError:
+        pass
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def compile_cache_dir():
-    """The persistent XLA compilation cache of this TensorFlow version: <home>/xla-cache/tf-<version>."""
+    """The persistent XLA compilation cache of this TensorFlow version and CPU:
+    <home>/xla-cache/tf-<version>-<cpu_fingerprint()>."""
     from importlib import metadata
 
     try:
@@ -132,7 +161,7 @@ def compile_cache_dir():
         import tensorflow as tf
 
         version = tf.__version__
-    return os.path.join(home_dir(), "xla-cache", f"tf-{version}")
+    return os.path.join(home_dir(), "xla-cache", f"tf-{version}-{cpu_fingerprint()}")
 
 
 def enable_compile_cache(environ=None):

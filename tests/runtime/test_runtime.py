@@ -105,8 +105,9 @@ def test_load_folder_applies_the_heap_setting_after_loading(monkeypatch):
 
 
 def test_compile_cache_option():
+    assert runtime.from_environ({}).compile_cache is False  # opt-in (see runtime.py)
     assert runtime.from_environ({"DIFFUSION_TF_COMPILE_CACHE": "0"}).compile_cache is False
-    assert runtime.from_environ({"DIFFUSION_TF_COMPILE_CACHE": ""}).compile_cache is True
+    assert runtime.from_environ({"DIFFUSION_TF_COMPILE_CACHE": "1"}).compile_cache is True
     with pytest.raises(ValueError, match="compile_cache='yes'; must be True or False"):
         runtime.Options(compile_cache="yes")
 
@@ -117,6 +118,7 @@ def test_enable_compile_cache_adds_the_flag_once_per_version_folder(tmp_path):
         folder = runtime.enable_compile_cache(env)
         assert folder == runtime.compile_cache_dir()
         assert folder.startswith(str(tmp_path / "xla-cache" / "tf-"))
+        assert folder.endswith("-" + runtime.cpu_fingerprint()) and len(runtime.cpu_fingerprint()) == 12
         assert env["TF_XLA_FLAGS"] == f"--tf_xla_auto_jit=0 --tf_xla_persistent_cache_directory={folder}"
         assert runtime.enable_compile_cache(env) == folder  # a second call adds nothing
         assert env["TF_XLA_FLAGS"].count("persistent_cache_directory") == 1
