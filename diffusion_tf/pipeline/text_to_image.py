@@ -16,7 +16,7 @@ import tensorflow as tf
 from keras import ops
 
 from diffusion_tf import a1111, compiler_memory, schedulers
-from diffusion_tf.components import load_folder
+from diffusion_tf.components import load_folder, load_vae_folder
 from diffusion_tf.model_folder import TOKENIZERS, pipeline_flags
 from diffusion_tf.models.autoencoder_tiny import AutoencoderTiny
 from diffusion_tf.pipeline.preview import Preview, approximate_rgb
@@ -146,6 +146,9 @@ class Text2Image:
         self.unet = parts["unet"]
         self.vae = parts["vae"]
         self._own_vae, self._vae_config, self.vae_name = self.vae, self.config["vae"], None
+        # What a swapped VAE must match, kept apart from the model's own VAE: that one is released on
+        # a swap (diffusers' `pipe.vae = ...` frees it too) and read from the folder again on vae=None.
+        self._own_reference, self._own_dtype = vae_swap.reference(self.vae), self.vae.dtype_policy.name
         self._download = download
         self.text_encoder, self.text_encoder_2 = parts.get("text_encoder"), parts.get("text_encoder_2")
         self.tokenizer_2 = parts.get("tokenizer_2")
@@ -213,13 +216,16 @@ class Text2Image:
         value, and the pipeline is unchanged."""
         if vae is None:
             model, section, label = self._own_vae, self.config["vae"], None
+            if model is None:
+                with self.strategy.scope():
+                    model = load_vae_folder(self.model_path, dtype=self._own_dtype)[1]
         else:
             family = "sdxl" if self.is_xl else "sd"
             with self.strategy.scope():
                 model, section, label = vae_swap.load_vae(
-                    vae, vae_swap.reference(self._own_vae), family, dtype=self._own_vae.dtype_policy.name,
-                    download=self._download)
+                    vae, self._own_reference, family, dtype=self._own_dtype, download=self._download)
         self.vae, self._vae_config, self.vae_name = model, section, label
+        self._own_vae = model if vae is None else None
         self._functions = {}  # the compiled functions hold the previous VAE
         self._vae32 = None
         return label

@@ -125,9 +125,15 @@ def test_every_source_of_one_vae_decodes_alike(pipe, sources, tmp_path):
 
 
 def test_none_brings_the_models_own_vae_back(pipe, sources):
-    own = pipe._own_vae
+    """A swap releases the model's own VAE (as diffusers' `pipe.vae = ...`); None reads it from the
+    model folder again, the same weights."""
+    pipe.load_vae(None)
+    own = [w.numpy() for w in pipe.vae.weights]
     pipe.load_vae(sources["taesd"])
-    assert pipe.load_vae(None) is None and pipe.vae is own and pipe.vae_name is None
+    assert pipe.load_vae(None) is None and pipe.vae_name is None
+    assert len(pipe.vae.weights) == len(own)
+    for restored, original in zip(pipe.vae.weights, own):
+        np.testing.assert_array_equal(restored.numpy(), original)
     assert _diff(_generate(pipe, latents=TINY["gen_latents"]), TINY["gen_image"]) <= 2
 
 
