@@ -83,7 +83,8 @@ def test_lcm_lora_is_a_unet_only_peft_file(clean, ref, tiny):
     assert all(np.array_equal(after[k], before[k]) for k in before)
 
 
-@pytest.mark.parametrize("case", sorted(META["cases"]))
+@pytest.mark.parametrize("case", [c if c == "lora_lcm4" else pytest.param(c, marks=pytest.mark.heavy)
+                                  for c in sorted(META["cases"])])  # the variants: with CI's heavy run
 def test_generation_matches_diffusers(clean, ref, tiny, case):
     import tensorflow as tf
 

@@ -120,6 +120,7 @@ def test_outpaint_keeps_the_old_area_and_fills_the_new(pipes, ref):
     assert out[0][new].std() > 0
 
 
+@pytest.mark.heavy  # 6-9 s, a variant of a default-run check: with CI's heavy run
 def test_batch_and_seeds(pipes, ref):
     pipe = pipes["tiny-sd1"]
     kw = dict(mask=ref["mask"], strength=0.75, num_steps=4)

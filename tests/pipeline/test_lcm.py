@@ -82,7 +82,7 @@ def test_defaults_of_a_distilled_model(pipe):
 
 
 # ---------------------------------------------------------------- generation parity
-@pytest.mark.parametrize("case", ["lcm4", "lcm2_w0", "lcm1"])
+@pytest.mark.parametrize("case", ["lcm4", pytest.param("lcm2_w0", marks=pytest.mark.heavy), "lcm1"])
 def test_generation_matches_latent_consistency_pipeline(pipe, ref, case):
     import tensorflow as tf
 

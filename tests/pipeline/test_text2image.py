@@ -60,6 +60,7 @@ def test_guidance_at_most_one_skips_the_unconditional_pass(pipe):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.heavy  # 6-9 s, a variant of a default-run check: with CI's heavy run
 def test_eta_noise_and_temperature(folder):
     from diffusion_tf import Text2Image
     from diffusion_tf.schedulers import DDIMScheduler
@@ -180,6 +181,7 @@ def test_generate_with_other_schedulers_each_built_once(pipe):
     assert not np.array_equal(other_seed, images["euler_a"])
 
 
+@pytest.mark.heavy  # 6-9 s, a variant of a default-run check: with CI's heavy run
 def test_scheduler_override_on_the_callback_path(pipe):
     seen = []
     stepped = pipe.generate("a cat", num_steps=3, seed=7, scheduler="heun", callback=lambda *a: seen.append(a))

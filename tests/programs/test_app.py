@@ -134,6 +134,7 @@ def test_same_seed_same_image(client):
         assert np.array_equal(np.asarray(Image.open(fa)), np.asarray(Image.open(fb)))
 
 
+@pytest.mark.heavy  # 6-9 s, a variant of a default-run check: with CI's heavy run
 def test_a_png_written_by_the_app_regenerates_with_from_png(app, client, tmp_path, monkeypatch):
     """The page and the command line share one request and one PNG writer: the largest seed is
     accepted, the model is named as the user named it, and --from-png gives the same image."""
@@ -179,6 +180,7 @@ def test_reuse_parameters_of_an_a1111_png(client, tmp_path):
     assert values[0] == "a dog" and values[2] == 9 and values[5] == 7 and values[4] in ("ddim", "pndm", "euler")
 
 
+@pytest.mark.heavy  # 6-9 s, a variant of a default-run check: with CI's heavy run
 def test_loras_and_clip_skip_are_applied_recorded_and_regenerate(app, client, tmp_path, monkeypatch):
     """A LoRA chosen on the page changes the image; its PNG carries the <lora:NAME:SCALE> tag, the
     Lora hashes and A1111's Clip skip, and --from-png with the same LoRA folder gives the same image."""

@@ -105,6 +105,7 @@ def test_prompt_embeds_and_pooled_equal_diffusers(loaded, ref):
     np.testing.assert_array_equal(vectors[1][1:], three["clip_g"])
 
 
+@pytest.mark.heavy  # 6-9 s, a variant of a default-run check: with CI's heavy run
 def test_generation_equals_diffusers(loaded, ref):
     latents = tiny_models.reference("tiny-sdxl")["gen_neg_latents"]
     image = loaded.generate(META["ti_gen_prompt"], negative_prompt=META["negative"], num_steps=META["steps"],
