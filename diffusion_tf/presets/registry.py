@@ -24,18 +24,29 @@ def list_presets():
 
 
 @functools.lru_cache(maxsize=None)
-def _names():
-    return tuple(f[: -len(".json")] for f in os.listdir(_HERE) if f.endswith(".json"))
+def json_names(folder):
+    """The names of a folder of presets: its `<name>.json` files (model presets here, VAE presets
+    in `vae/`)."""
+    return tuple(f[: -len(".json")] for f in os.listdir(folder) if f.endswith(".json"))
 
 
 @functools.lru_cache(maxsize=None)
-def _load(name):
-    path = os.path.join(_HERE, f"{name}.json")
+def read_json_preset(folder, name, what="preset"):
+    """`<folder>/<name>.json`, which must name itself `name` (read once; callers copy it)."""
+    path = os.path.join(folder, f"{name}.json")
     with open(path, encoding="utf-8") as f:
         preset = json.load(f)
     if preset.get("name") != name:
-        raise ValueError(f"preset file {path!r} names itself {preset.get('name')!r}, not {name!r}.")
+        raise ValueError(f"{what} file {path!r} names itself {preset.get('name')!r}, not {name!r}.")
     return preset
+
+
+def _names():
+    return json_names(_HERE)
+
+
+def _load(name):
+    return read_json_preset(_HERE, name)
 
 
 def get_preset(name):

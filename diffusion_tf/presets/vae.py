@@ -12,11 +12,9 @@ Reading a preset runs no code and imports neither TensorFlow nor Keras.
 """
 
 import copy
-import functools
-import json
 import os
 
-from diffusion_tf.presets import cache
+from diffusion_tf.presets import cache, registry
 from diffusion_tf.presets.download import PresetUnavailableError, fetch, unavailable
 
 _HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vae")
@@ -28,19 +26,12 @@ def list_vae_presets():
     return sorted(_names())
 
 
-@functools.lru_cache(maxsize=None)
 def _names():
-    return tuple(f[: -len(".json")] for f in os.listdir(_HERE) if f.endswith(".json"))
+    return registry.json_names(_HERE)
 
 
-@functools.lru_cache(maxsize=None)
 def _load(name):
-    path = os.path.join(_HERE, f"{name}.json")
-    with open(path, encoding="utf-8") as f:
-        preset = json.load(f)
-    if preset.get("name") != name:
-        raise ValueError(f"VAE preset file {path!r} names itself {preset.get('name')!r}, not {name!r}.")
-    return preset
+    return registry.read_json_preset(_HERE, name, "VAE preset")
 
 
 def get_vae_preset(name):
