@@ -6,6 +6,7 @@ one of the schedule and beta is the effective one between them (as diffusers).
 
 import numpy as np
 
+from diffusion_tf.schedulers.noise_schedule import original_and_noise_from_roots
 from diffusion_tf.schedulers.scheduler import Scheduler, as_float
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
@@ -66,12 +67,7 @@ class DDPMScheduler(Scheduler):
         model_output, sample = as_float(model_output), as_float(sample)
         sqrt_a = self.table("sqrt_alpha_bar", i, tables)
         sqrt_1ma = self.table("sqrt_one_minus_alpha_bar", i, tables)
-        if self.prediction_type == "epsilon":
-            x0 = (sample - sqrt_1ma * model_output) / sqrt_a
-        elif self.prediction_type == "v_prediction":
-            x0 = sqrt_a * sample - sqrt_1ma * model_output
-        else:
-            x0 = model_output
+        x0, _ = original_and_noise_from_roots(self.prediction_type, model_output, sample, sqrt_a, sqrt_1ma)
         prev = self.table("x0_coeff", i, tables) * x0 + self.table("sample_coeff", i, tables) * sample
         return prev + self.table("std", i, tables) * self._need_noise(noise), state
 

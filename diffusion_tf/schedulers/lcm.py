@@ -26,6 +26,7 @@ import math
 import numpy as np
 
 from diffusion_tf.schedulers import noise_schedule as schedule
+from diffusion_tf.schedulers.noise_schedule import original_and_noise_from_roots
 from diffusion_tf.schedulers.scheduler import Scheduler, as_float
 
 SIGMA_DATA = 0.5
@@ -154,12 +155,7 @@ class LCMScheduler(ConsistencyScheduler):
         model_output, sample = as_float(model_output), as_float(sample)
         sqrt_a = self.table("sqrt_alpha_bar", i, tables)
         sqrt_1ma = self.table("sqrt_one_minus_alpha_bar", i, tables)
-        if self.prediction_type == "epsilon":
-            x0 = (sample - sqrt_1ma * model_output) / sqrt_a
-        elif self.prediction_type == "v_prediction":
-            x0 = sqrt_a * sample - sqrt_1ma * model_output
-        else:
-            x0 = model_output
+        x0, _ = original_and_noise_from_roots(self.prediction_type, model_output, sample, sqrt_a, sqrt_1ma)
         return self.table("c_out", i, tables) * x0 + self.table("c_skip", i, tables) * sample
 
     def _renoise(self, denoised, i, noise, tables):

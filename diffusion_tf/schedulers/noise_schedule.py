@@ -89,7 +89,13 @@ def predicted_original_and_noise(prediction_type, model_output, sample, alpha_ba
 
     x_t = sqrt(a) x0 + sqrt(1 - a) eps  and  v = sqrt(a) eps - sqrt(1 - a) x0.
     """
-    sqrt_a, sqrt_1ma = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
+    return original_and_noise_from_roots(prediction_type, model_output, sample, alpha_bar**0.5,
+                                         (1 - alpha_bar) ** 0.5)
+
+
+def original_and_noise_from_roots(prediction_type, model_output, sample, sqrt_a, sqrt_1ma):
+    """`predicted_original_and_noise` given sqrt(a) and sqrt(1 - a) (a scheduler's precomputed
+    tables), in diffusers' arithmetic order."""
     if prediction_type == "epsilon":
         eps = model_output
         x0 = (sample - sqrt_1ma * eps) / sqrt_a

@@ -20,6 +20,7 @@ import math
 import numpy as np
 
 from diffusion_tf.schedulers.lcm import ConsistencyScheduler
+from diffusion_tf.schedulers.noise_schedule import original_and_noise_from_roots
 from diffusion_tf.schedulers.scheduler import as_float
 
 
@@ -86,15 +87,7 @@ class TCDScheduler(ConsistencyScheduler):
         model_output, sample = as_float(model_output), as_float(sample)
         sqrt_a = self.table("sqrt_alpha_bar", i, tables)
         sqrt_1ma = self.table("sqrt_one_minus_alpha_bar", i, tables)
-        if self.prediction_type == "epsilon":
-            x0 = (sample - sqrt_1ma * model_output) / sqrt_a
-            eps = model_output
-        elif self.prediction_type == "v_prediction":
-            x0 = sqrt_a * sample - sqrt_1ma * model_output
-            eps = sqrt_a * model_output + sqrt_1ma * sample
-        else:
-            x0 = model_output
-            eps = (sample - sqrt_a * x0) / sqrt_1ma
+        x0, eps = original_and_noise_from_roots(self.prediction_type, model_output, sample, sqrt_a, sqrt_1ma)
         return self.table("sqrt_alpha_s", i, tables) * x0 + self.table("sqrt_one_minus_alpha_s", i, tables) * eps
 
     def _renoise(self, pred_noised, i, noise, tables, gamma):
