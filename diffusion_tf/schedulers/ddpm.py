@@ -6,8 +6,7 @@ one of the schedule and beta is the effective one between them (as diffusers).
 
 import numpy as np
 
-from diffusion_tf.schedulers.noise_schedule import original_and_noise_from_roots
-from diffusion_tf.schedulers.scheduler import Scheduler, as_float
+from diffusion_tf.schedulers.scheduler import Scheduler
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
 
@@ -64,10 +63,7 @@ class DDPMScheduler(Scheduler):
         }
 
     def step_fn(self, model_output, i, sample, state=(), noise=None, tables=None):
-        model_output, sample = as_float(model_output), as_float(sample)
-        sqrt_a = self.table("sqrt_alpha_bar", i, tables)
-        sqrt_1ma = self.table("sqrt_one_minus_alpha_bar", i, tables)
-        x0, _ = original_and_noise_from_roots(self.prediction_type, model_output, sample, sqrt_a, sqrt_1ma)
+        x0, _, sample = self._original_and_noise_at(model_output, i, sample, tables)
         prev = self.table("x0_coeff", i, tables) * x0 + self.table("sample_coeff", i, tables) * sample
         return prev + self.table("std", i, tables) * self._need_noise(noise), state
 

@@ -26,8 +26,7 @@ import math
 import numpy as np
 
 from diffusion_tf.schedulers import noise_schedule as schedule
-from diffusion_tf.schedulers.noise_schedule import original_and_noise_from_roots
-from diffusion_tf.schedulers.scheduler import Scheduler, as_float
+from diffusion_tf.schedulers.scheduler import Scheduler
 
 SIGMA_DATA = 0.5
 
@@ -152,10 +151,7 @@ class LCMScheduler(ConsistencyScheduler):
 
     def denoised_fn(self, model_output, i, sample, tables=None):
         """The boundary-condition output at index i: c_out x0_hat + c_skip x_t (diffusers' order)."""
-        model_output, sample = as_float(model_output), as_float(sample)
-        sqrt_a = self.table("sqrt_alpha_bar", i, tables)
-        sqrt_1ma = self.table("sqrt_one_minus_alpha_bar", i, tables)
-        x0, _ = original_and_noise_from_roots(self.prediction_type, model_output, sample, sqrt_a, sqrt_1ma)
+        x0, _, sample = self._original_and_noise_at(model_output, i, sample, tables)
         return self.table("c_out", i, tables) * x0 + self.table("c_skip", i, tables) * sample
 
     def _renoise(self, denoised, i, noise, tables):

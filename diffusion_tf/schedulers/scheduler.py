@@ -253,6 +253,15 @@ class Scheduler:
         """x at index i -> (x at index i + 1, new state). `noise`: standard normal, for stochastic ones."""
         raise NotImplementedError
 
+    def _original_and_noise_at(self, model_output, i, sample, tables=None):
+        """(x0, eps, sample) at index i from the model output, through the "sqrt_alpha_bar" and
+        "sqrt_one_minus_alpha_bar" tables of the schedulers that keep them (DDPM, LCM, TCD)."""
+        model_output, sample = as_float(model_output), as_float(sample)
+        x0, eps = schedule.original_and_noise_from_roots(
+            self.prediction_type, model_output, sample, self.table("sqrt_alpha_bar", i, tables),
+            self.table("sqrt_one_minus_alpha_bar", i, tables))
+        return x0, eps, sample
+
     def _need_noise(self, noise):
         if noise is None:
             raise ValueError(f"{type(self).__name__} is stochastic: step needs `noise` (standard normal).")

@@ -20,8 +20,6 @@ import math
 import numpy as np
 
 from diffusion_tf.schedulers.lcm import ConsistencyScheduler
-from diffusion_tf.schedulers.noise_schedule import original_and_noise_from_roots
-from diffusion_tf.schedulers.scheduler import as_float
 
 
 def check_gamma(gamma, name="gamma"):
@@ -84,10 +82,7 @@ class TCDScheduler(ConsistencyScheduler):
 
     def pred_noised_fn(self, model_output, i, sample, tables=None):
         """x_s = sqrt(a_s) x0_hat + sqrt(1 - a_s) eps_hat at index i (diffusers' arithmetic order)."""
-        model_output, sample = as_float(model_output), as_float(sample)
-        sqrt_a = self.table("sqrt_alpha_bar", i, tables)
-        sqrt_1ma = self.table("sqrt_one_minus_alpha_bar", i, tables)
-        x0, eps = original_and_noise_from_roots(self.prediction_type, model_output, sample, sqrt_a, sqrt_1ma)
+        x0, eps, _ = self._original_and_noise_at(model_output, i, sample, tables)
         return self.table("sqrt_alpha_s", i, tables) * x0 + self.table("sqrt_one_minus_alpha_s", i, tables) * eps
 
     def _renoise(self, pred_noised, i, noise, tables, gamma):
