@@ -171,9 +171,9 @@ def enable_compile_cache(environ=None):
     os.environ and no option was set yet (this runs at `import diffusion_tf`)."""
     env = os.environ if environ is None else environ
     flags = env.get("TF_XLA_FLAGS", "")
-    for flag in flags.split():
-        if flag.startswith(CACHE_FLAG + "="):
-            return flag.split("=", 1)[1] or None
+    given = _cache_flag(flags)
+    if given is not None:
+        return given or None
     if not options().compile_cache:
         return None
     folder = compile_cache_dir()
@@ -181,15 +181,24 @@ def enable_compile_cache(environ=None):
     return folder
 
 
+def _cache_flag(flags):
+    """The folder of a --tf_xla_persistent_cache_directory in TF_XLA_FLAGS' text ("" when given
+    empty), or None when there is none."""
+    for flag in flags.split():
+        if flag.startswith(CACHE_FLAG + "="):
+            return flag.split("=", 1)[1]
+    return None
+
+
 def _make_compile_cache_dir():
     """Create the folder named in TF_XLA_FLAGS (XLA does not); a read-only home only warns in
     XLA's log, the generation runs without the cache."""
-    for flag in os.environ.get("TF_XLA_FLAGS", "").split():
-        if flag.startswith(CACHE_FLAG + "="):
-            try:
-                os.makedirs(flag.split("=", 1)[1], exist_ok=True)
-            except OSError:
-                pass
+    folder = _cache_flag(os.environ.get("TF_XLA_FLAGS", ""))
+    if folder:
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError:
+            pass
 
 
 def apply():

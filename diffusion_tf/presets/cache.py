@@ -36,8 +36,7 @@ def builtin_available():
 def cache_dir():
     """The runtime's home option (`$DIFFUSION_TF_HOME`) if set, else `~/.cache/diffusion_tf`;
     created if missing."""
-    root = runtime.options().home or os.path.join("~", ".cache", "diffusion_tf")
-    root = os.path.abspath(os.path.expanduser(root))
+    root = runtime.home_dir()
     os.makedirs(root, exist_ok=True)
     return root
 
