@@ -17,7 +17,6 @@ import os
 import numpy as np
 import pytest
 
-from support import tiny_models
 
 pytestmark = pytest.mark.xdist_group("lcm-lora")
 
@@ -33,20 +32,6 @@ LORA = os.path.join(FIXTURES, META["file"])
 def ref():
     with np.load(os.path.join(FIXTURES, "lcm_reference.npz")) as f:
         return {k: f[k] for k in f.files}
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_models.reference("tiny-sd1")
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    from diffusion_tf import Text2Image
-
-    pipe = Text2Image(model=tiny_models.converted_folder("tiny-sd1"), img_height=64, img_width=64)
-    yield pipe
-    pipe.unload_loras()
 
 
 @pytest.fixture

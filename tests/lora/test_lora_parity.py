@@ -42,20 +42,6 @@ def ref():
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return tiny_models.reference("tiny-sd1")
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    from diffusion_tf import Text2Image
-
-    pipe = Text2Image(model=tiny_models.converted_folder("tiny-sd1"), img_height=64, img_width=64)
-    yield pipe
-    pipe.unload_loras()
-
-
-@pytest.fixture(scope="module")
 def baseline(pipe, tiny):
     """Every weight and the generated image before any LoRA."""
     return {"weights": _weights(pipe), "image": _generate(pipe, tiny)}
