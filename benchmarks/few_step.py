@@ -115,13 +115,15 @@ def prepare(recipe, folder):
         _run([WRITE, recipe, folder, ROOT], f"writing {recipe}")
     if not os.path.isdir(os.path.join(folder, "ours")):
         print(f"converting the {recipe} folder ...", file=sys.stderr, flush=True)
-        _run(["import sys, runpy; sys.argv = ['weights_port'] + sys.argv[1:]; runpy.run_module('weights_port', "
-              "run_name='__main__')", os.path.join(folder, "diffusers"), os.path.join(folder, "ours")],
-             f"converting {recipe}")
+        _weights_port([os.path.join(folder, "diffusers"), os.path.join(folder, "ours")], f"converting {recipe}")
     if recipe == "turbo" and not os.path.isdir(os.path.join(folder, "ours-taesd")):
-        _run(["import sys, runpy; sys.argv = ['weights_port'] + sys.argv[1:]; runpy.run_module('weights_port', "
-              "run_name='__main__')", "--vae", os.path.join(folder, "taesd"), os.path.join(folder, "ours-taesd")],
-             "converting TAESD")
+        _weights_port(["--vae", os.path.join(folder, "taesd"), os.path.join(folder, "ours-taesd")], "converting TAESD")
+
+
+def _weights_port(args, what):
+    """`python -m weights_port ARGS` in a fresh process (the checkout's, whatever the cwd)."""
+    _run(["import sys, runpy; sys.path.insert(0, sys.argv[1]); sys.argv = ['weights_port'] + sys.argv[2:]; "
+          "runpy.run_module('weights_port', run_name='__main__')", ROOT] + args, what)
 
 
 def main(argv=None):
