@@ -140,8 +140,7 @@ def openvino_variant(module, call, example, threads, converts):
 
 
 def cases(parts, sizes, configs, ref, ours, impls, compile_torch, threads=None):
-    """{case name: {impl: callable}}; `openvino` convert times go to the returned dict's
-    "_convert_s" entry {case name: seconds}."""
+    """({case name: {impl: callable}}, {case name: openvino's convert + compile seconds})."""
     import tensorflow as tf
     import torch
 
@@ -217,8 +216,7 @@ def cases(parts, sizes, configs, ref, ours, impls, compile_torch, threads=None):
         name = "text encoder, 77 tokens, batch 1"
         fns.update(openvino_variants(name, te, lambda m, i: m(i).last_hidden_state, (ti,)))
         out[name] = fns
-    out["_convert_s"] = convert_s
-    return out
+    return out, convert_s
 
 
 def to_numpy(y):
@@ -242,11 +240,11 @@ def set_heap_mode(impl):
     cm.MALLOPT(cm.M_TRIM_THRESHOLD, cm.KEEP_BYTES if keep else 64 * 2**20)
 
 
-def measure(all_cases, repeats):
+def measure(all_cases, repeats, convert_s=None):
     import torch
 
     results = {}
-    convert_s = all_cases.pop("_convert_s", {})
+    convert_s = convert_s or {}
     for name, fns in all_cases.items():
         first, outputs = {}, {}
         for impl, fn in fns.items():
@@ -447,8 +445,11 @@ def main(argv=None):
         import openvino
 
         results["versions"]["openvino"] = openvino.__version__
-    timings = {} if reuse else measure(
-        cases(parts, args.sizes, configs, ref, ours, args.impls, args.compile_torch, args.threads), args.repeats)
+    timings = {}
+    if not reuse:
+        all_cases, convert_s = cases(parts, args.sizes, configs, ref, ours, args.impls, args.compile_torch,
+                                     args.threads)
+        timings = measure(all_cases, args.repeats, convert_s)
     if "generate" in parts:
         import tempfile
 
