@@ -166,9 +166,9 @@ def compile_cache_dir():
 
 def enable_compile_cache(environ=None):
     """With the compile_cache option, add the cache folder to TF_XLA_FLAGS unless a cache
-    directory is given there already; returns the folder in effect, or None. `environ`: the
-    flags' environment (default os.environ); the option and home are read from it when it is
-    os.environ and no option was set yet (this runs at `import diffusion_tf`)."""
+    directory is given there already; returns the folder in effect, or None. `environ`: where
+    TF_XLA_FLAGS is read and set (default os.environ); the option and the home folder are this
+    process's `options()` (this runs at `import diffusion_tf`)."""
     env = os.environ if environ is None else environ
     flags = env.get("TF_XLA_FLAGS", "")
     given = _cache_flag(flags)
