@@ -384,13 +384,18 @@ def test_page_in_headless_chromium(app):
             page.locator("#txt2img-prompt textarea").fill("a red circle on a blue background")
             page.locator("#txt2img-random input").uncheck()
             page.locator("#txt2img-generate").click()
+            # Previews ("denoising...") take the gallery's place while the model runs; the
+            # result is there once the status line reports it.
+            status = page.locator("#txt2img-status textarea")
+            status.element_handle(timeout=60_000)
+            page.wait_for_function(
+                "el => el.value.includes('image(s)')", arg=status.element_handle(), timeout=240_000)
+            assert "1 image(s)" in status.input_value()
             image = page.locator("#txt2img-gallery img").first
-            image.wait_for(state="visible", timeout=240_000)
+            image.wait_for(state="visible", timeout=60_000)
             page.wait_for_function(
                 "el => el.complete && el.naturalWidth > 0", arg=image.element_handle(), timeout=60_000)
             size = image.evaluate("el => [el.naturalWidth, el.naturalHeight]")
             assert size == [64, 64]
-            status = page.locator("#txt2img-status textarea").input_value()
-            assert "1 image(s)" in status
         finally:
             browser.close()
