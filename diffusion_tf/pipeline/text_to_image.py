@@ -341,7 +341,11 @@ class Text2Image:
 
     def _compiled(self, key, fn):
         if key not in self._functions:
-            self._functions[key] = tf.function(fn, jit_compile=self.jit_compile, reduce_retracing=True)
+            # autograph=False: the functions' loops are ops.fori_loop and their branches
+            # Python values fixed at trace time, so AutoGraph's source conversion has nothing
+            # to convert; skipping it makes each first call about 2 s shorter (tiny model).
+            self._functions[key] = tf.function(fn, jit_compile=self.jit_compile, reduce_retracing=True,
+                                               autograph=False)
         return self._functions[key]
 
     def _generate_fn(self, use_guidance, scheduler, mode, size, clip_skip, zero_uncond, rescale, decode=True):
@@ -811,7 +815,7 @@ class Text2Image:
 
                 return self.strategy.run(replica_fn, args=(values,))
 
-            self._functions[key] = tf.function(run)
+            self._functions[key] = tf.function(run, autograph=False)
         images, out = self._functions[key](values, extra, tables, *args, *bounds, shared_cond)
         local = self.strategy.experimental_local_results
         return (np.concatenate([np.asarray(x) for x in local(images)]),

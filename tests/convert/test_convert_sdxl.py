@@ -65,17 +65,27 @@ def converted(tmp_path_factory):
     from weights_port.convert import convert_checkpoint
 
     root = tmp_path_factory.mktemp("sdxl")
-    out = {}
-    for name in tiny_models.SDXL_NAMES:
-        folder = tiny_models.write_diffusers_folder(name, str(root / f"{name}-diffusers"))
-        single = tiny_models.write_single_file(name, str(root / f"{name}.safetensors"))
-        a = convert_checkpoint(folder, str(root / f"{name}-from-folder"), **QUIET)
-        b = convert_checkpoint(single, str(root / f"{name}-from-sgm"), config=tiny_models.fixture_dir(name), **QUIET)
-        out[name] = (a, b, single)
-    return out
+
+    class Converted(dict):
+        """Built on first use: the default run needs the base and the refiner, not the inpainting model."""
+
+        def __missing__(self, name):
+            folder = tiny_models.write_diffusers_folder(name, str(root / f"{name}-diffusers"))
+            single = tiny_models.write_single_file(name, str(root / f"{name}.safetensors"))
+            a = convert_checkpoint(folder, str(root / f"{name}-from-folder"), **QUIET)
+            b = convert_checkpoint(single, str(root / f"{name}-from-sgm"), config=tiny_models.fixture_dir(name),
+                                   **QUIET)
+            self[name] = (a, b, single)
+            return self[name]
+
+    return Converted()
 
 
-@pytest.mark.parametrize("name", tiny_models.SDXL_NAMES)
+# The default run checks the base and the refiner; the inpainting model with the heavy checks.
+NAMES = [n if n != "tiny-sdxl-inpaint" else pytest.param(n, marks=pytest.mark.heavy) for n in tiny_models.SDXL_NAMES]
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_sgm_file_converts_like_the_diffusers_folder(converted, name):
     from_folder, from_sgm, _ = converted[name]
     _assert_same_weights(from_folder, from_sgm)
@@ -316,18 +326,26 @@ def diffusers_read(converted, tmp_path_factory):
     if not all(importlib.util.find_spec(m) for m in ("torch", "diffusers", "transformers")):
         pytest.skip("live check needs torch, diffusers and transformers")
     out = tmp_path_factory.mktemp("diffusers-read")
-    args = []
-    for name, (_, _, single) in converted.items():
-        args += [name, single, os.path.join(os.path.dirname(single), f"{name}-diffusers"), PIPELINES[name]]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    done = subprocess.run([sys.executable, "-c", _DIFFUSERS_READS, str(out)] + args,
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return {name: out / name for name in converted}
+
+    class Read(dict):
+        """One subprocess per model, on first use."""
+
+        def __missing__(self, name):
+            single = converted[name][2]
+            args = [name, single, os.path.join(os.path.dirname(single), f"{name}-diffusers"), PIPELINES[name]]
+            done = subprocess.run([sys.executable, "-c", _DIFFUSERS_READS, str(out)] + args,
+                                  env=env, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr[-3000:]
+            self[name] = out / name
+            return self[name]
+
+    return Read()
 
 
 @pytest.mark.live
-@pytest.mark.parametrize("name", tiny_models.SDXL_NAMES)
+@pytest.mark.parametrize("name", [tiny_models.SDXL_NAMES[0]] + [pytest.param(n, marks=pytest.mark.heavy)
+                                                                for n in tiny_models.SDXL_NAMES[1:]])
 def test_diffusers_from_single_file_loads_what_we_converted(converted, diffusers_read, name):
     """diffusers' StableDiffusionXL*Pipeline.from_single_file reads our tiny SGM file into exactly the
     weights we converted from it."""

@@ -82,7 +82,8 @@ def test_defaults_of_a_distilled_model(pipe):
 
 
 # ---------------------------------------------------------------- generation parity
-@pytest.mark.parametrize("case", ["lcm4", pytest.param("lcm2_w0", marks=pytest.mark.heavy), "lcm1"])
+@pytest.mark.parametrize("case", ["lcm4", pytest.param("lcm2_w0", marks=pytest.mark.heavy),
+                                  pytest.param("lcm1", marks=pytest.mark.heavy)])
 def test_generation_matches_latent_consistency_pipeline(pipe, ref, case):
     import tensorflow as tf
 
@@ -159,6 +160,10 @@ def test_distilled_model_runs_no_unconditional_pass(folder, tiny_folder):
     # guidance 0 and the default 8.5 alike: one call per step, one row per image, with the embedding
     assert count_calls(folder, num_steps=1, unconditional_guidance_scale=0.0) == [(2, True)]
     assert count_calls(folder, num_steps=2, negative_prompt="blurry") == [(2, True), (2, True)]
+
+
+@pytest.mark.heavy  # two more eager generations; CI's second step
+def test_an_ordinary_model_with_lcm_guides_as_usual(tiny_folder):
     # an ordinary model with lcm (LCM-LoRA's way): guidance <= 1 one pass, above 1 the batched pair
     assert count_calls(tiny_folder, num_steps=1, unconditional_guidance_scale=0.0, scheduler="lcm") == [(2, False)]
     assert count_calls(tiny_folder, num_steps=1, unconditional_guidance_scale=1.5, scheduler="lcm") == [(4, False)]

@@ -23,34 +23,44 @@ SOURCES = ("diffusers", "safetensors", "ckpt")
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """{(name, source): model folder} for every tiny model and source format."""
+    """{(name, source): model folder}, converted on first use (the default run needs a part)."""
     from weights_port.convert import convert_checkpoint
 
     root = tmp_path_factory.mktemp("parity")
-    out = {}
-    for name in tiny_models.NAMES:
-        fixture = tiny_models.fixture_dir(name)
-        diffusers_dir = tiny_models.write_diffusers_folder(name, str(root / f"{name}-diffusers"))
-        srcs = {
-            "diffusers": (diffusers_dir, None),
-            "safetensors": (tiny_models.write_single_file(name, str(root / f"{name}.safetensors")), fixture),
-            "ckpt": (tiny_models.write_single_file(name, str(root / f"{name}.ckpt")), fixture),
-        }
-        for source, (src, config) in srcs.items():
-            dst = str(root / f"{name}-{source}-converted")
-            convert_checkpoint(src, dst, config=config, log=lambda *_: None)
-            out[(name, source)] = dst
-    return out
+
+    class Folders(dict):
+        def __missing__(self, key):
+            name, source = key
+            if source == "diffusers":
+                src, config = tiny_models.write_diffusers_folder(name, str(root / f"{name}-diffusers")), None
+            else:
+                ext = {"safetensors": ".safetensors", "ckpt": ".ckpt"}[source]
+                src = tiny_models.write_single_file(name, str(root / f"{name}{ext}"))
+                config = tiny_models.fixture_dir(name)
+            self[key] = convert_checkpoint(src, str(root / f"{name}-{source}-converted"), config=config,
+                                           log=lambda *_: None)
+            return self[key]
+
+    return Folders()
 
 
 @pytest.fixture(scope="module")
 def pipelines(converted):
     from diffusion_tf import Text2Image
 
-    return {key: Text2Image(model=folder, img_height=64, img_width=64) for key, folder in converted.items()}
+    class Pipelines(dict):
+        def __missing__(self, key):
+            self[key] = Text2Image(model=converted[key], img_height=64, img_width=64)
+            return self[key]
+
+    return Pipelines()
 
 
-CASES = [(name, source) for name in tiny_models.NAMES for source in SOURCES]
+# Every source of every model is checked; the default run checks each single-file format on one
+# model (sd1 from .safetensors, sd2 from .ckpt), the other two with the heavy checks (CI's second step).
+DEFAULT_CASES = {(name, "diffusers") for name in tiny_models.NAMES} | {("tiny-sd1", "safetensors"), ("tiny-sd2", "ckpt")}
+CASES = [c if c in DEFAULT_CASES else pytest.param(*c, marks=pytest.mark.heavy)
+         for c in ((name, source) for name in tiny_models.NAMES for source in SOURCES)]
 
 
 @pytest.mark.parametrize("name,source", CASES)
@@ -100,7 +110,8 @@ def test_vae(pipelines, name, source):
 
 # The single files' conversions give bit-identical weights to the folder's (tested below), so
 # their generations repeat it: they run with the heavy checks (CI's second step).
-GENERATION_CASES = [c if c[1] == "diffusers" else pytest.param(*c, marks=pytest.mark.heavy) for c in CASES]
+GENERATION_CASES = [(name, "diffusers") if source == "diffusers" else pytest.param(name, source, marks=pytest.mark.heavy)
+                    for name in tiny_models.NAMES for source in SOURCES]
 
 
 @pytest.mark.parametrize("name,source", GENERATION_CASES)
@@ -116,7 +127,7 @@ def test_generation(pipelines, name, source):
     assert diff <= 2, f"generation differs from diffusers by {diff}/255"
 
 
-@pytest.mark.parametrize("name", tiny_models.NAMES)
+@pytest.mark.parametrize("name", ["tiny-sd1", pytest.param("tiny-sd2", marks=pytest.mark.heavy)])
 def test_all_sources_give_identical_weights(converted, name):
     from diffusion_tf.state_dict import read_weights
 

@@ -135,7 +135,7 @@ def test_base_to_refiner_hand_off(pipelines):
     assert_image(out, refiner_ref["handoff_image"], "refiner from the base's latents")
 
 
-DEFAULT_EDITING = {("tiny-sdxl", "img2img_0.6"), ("tiny-sdxl-inpaint", "inpaint_1.0"), ("tiny-sdxl-inpaint", "inpaint_0.75")}
+DEFAULT_EDITING = {("tiny-sdxl", "img2img_0.6"), ("tiny-sdxl-inpaint", "inpaint_1.0")}
 EDITING = [pytest.param(name, case["name"], case["kind"], case["strength"],
                         marks=() if (name, case["name"]) in DEFAULT_EDITING else HEAVY)
            for name in tiny_models.SDXL_NAMES for case in ref_of(name)["meta"]["cases"] if "strength" in case]

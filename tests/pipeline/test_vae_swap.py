@@ -83,6 +83,7 @@ def test_taesd_generation_equals_diffusers_pipe_vae_autoencoder_tiny(pipe, sourc
     assert _diff(image, TINY["gen_image"]) > 20  # the model's own VAE draws another picture
 
 
+@pytest.mark.heavy  # the generation above covers the decoder; this the encoder, in CI's second step
 def test_taesd_image_to_image_equals_diffusers(pipe, sources):
     """StableDiffusionImg2ImgPipeline with pipe.vae = AutoencoderTiny: TAESD's encoder gives the
     latents themselves (times scaling_factor 1.0), nothing sampled."""
