@@ -99,6 +99,7 @@ def test_generation_matches_latent_consistency_pipeline(pipe, ref, case):
     assert_image(generate_case(pipe, ref, case, **kwargs), ref[f"{case}_image"], case)
 
 
+@pytest.mark.heavy  # two more generations; CI's second step
 def test_another_seed_changes_the_injected_noise(pipe, ref):
     """Between steps LCM adds fresh noise drawn from the seed: the same latents with another seed give
     another image (one step draws none: the same image)."""

@@ -194,7 +194,7 @@ def test_scheduler_override_on_the_callback_path(pipe):
     assert "scheduler='k_lms'" in str(e.value) and "dpm++2m-karras" in str(e.value)
 
 
-@pytest.mark.parametrize("callback", [False, True], ids=["fused", "step-by-step"])
+@pytest.mark.parametrize("callback", [False, pytest.param(True, marks=pytest.mark.heavy)], ids=["fused", "step-by-step"])
 def test_another_size_after_the_first_keeps_static_shapes(pipe, callback):
     """A pipeline used at one size and then at another (an init image, or a request's size as
     the web UI gives it) traces a function per size; a relaxed trace with unknown spatial

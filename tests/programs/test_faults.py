@@ -108,10 +108,11 @@ def _convert(src, dst, overwrite=False):
     "fault, moment, existing",
     [
         ("disk full", "second weights file", False),
-        ("disk full", "final rename", True),
-        ("permission denied", "final rename", True),
-        ("Ctrl-C", "second weights file", True),
         ("Ctrl-C", "final rename", False),
+        # the same moments with other faults, with the heavy checks (CI's second step)
+        pytest.param("disk full", "final rename", True, marks=pytest.mark.heavy),
+        pytest.param("permission denied", "final rename", True, marks=pytest.mark.heavy),
+        pytest.param("Ctrl-C", "second weights file", True, marks=pytest.mark.heavy),
     ],
 )
 def test_conversion_fault_leaves_the_destination_as_it_was(fault, moment, existing, sd1_file, tmp_path, monkeypatch):

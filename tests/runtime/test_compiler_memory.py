@@ -62,6 +62,7 @@ def test_malloc_trim_and_mallinfo2_are_found_on_linux():
         assert isinstance(free_bytes(), int) and free_bytes() >= 0
 
 
+@pytest.mark.heavy  # a fresh pipeline traced three ways; CI's second step
 def test_text2image_trims_on_a_functions_first_call_only(monkeypatch):
     from support import tiny_models
 
@@ -109,7 +110,8 @@ print(json.dumps({"faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt -
 
 
 @pytest.mark.skipif(compiler_memory.MALLOPT is None, reason="glibc mallopt")
-@pytest.mark.parametrize("env, kept", [(None, True), ("1", True), ("0", False)])
+@pytest.mark.parametrize("env, kept", [(None, True), pytest.param("1", True, marks=pytest.mark.heavy),
+                                       pytest.param("0", False, marks=pytest.mark.heavy)])
 def test_applying_the_runtime_keeps_large_freed_blocks_in_the_heap(env, kept):
     import json
     import os

@@ -255,6 +255,7 @@ def test_position_phase_rows_name_a_position_and_a_background():
     assert options.position_t_min == 800 and T.TrainOptions(config="small").resolved().position_steps > 0
 
 
+@pytest.mark.heavy  # trains again
 def test_training_with_a_position_phase(trained, tmp_path):
     from diffusion_tf import train as T
 
