@@ -143,7 +143,7 @@ def _time_ids(configs):
     return n
 
 
-@pytest.mark.parametrize("name", tiny_models.SDXL_NAMES)
+@pytest.mark.parametrize("name", NAMES)
 def test_inference_on_the_tiny_files(name):
     from weights_port.convert import folder_configs
     from weights_port.infer import describe, infer_configs, sdxl_variant

@@ -150,7 +150,7 @@ print(json.dumps({"paths": paths, "kept": compiler_memory.large_blocks_kept()}))
 """
 
 
-@pytest.mark.parametrize("keep_heap, expected", [(None, "winograd"), ("0", "direct")])
+@pytest.mark.parametrize("keep_heap, expected", [(None, "winograd"), pytest.param("0", "direct", marks=pytest.mark.heavy)])
 def test_the_same_convolution_takes_the_same_path_whatever_ran_before(keep_heap, expected):
     import json
     import os

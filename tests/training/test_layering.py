@@ -128,6 +128,7 @@ def test_all_layers_finds_every_layer_of_the_real_models(name):
         assert {id(layer) for layer in all_layers(part)} == _walk(part, public_only=False)
 
 
+@pytest.mark.heavy  # two fresh processes importing TensorFlow; CI's second step
 def test_both_command_lines_still_run():
     """`python -m diffusion_tf.train` and the root train.py: the same parser, a flag for
     every option of TrainOptions but the GIF's guidance."""
