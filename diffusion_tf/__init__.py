@@ -12,6 +12,9 @@ _startup_log.install()
 from diffusion_tf import runtime as _runtime  # noqa: E402
 
 _runtime.enable_compile_cache()
+# Before TensorFlow reads it at import: oneDNN off unless the user set TF_ENABLE_ONEDNN_OPTS
+# (its allocator keeps freed temporaries resident; see runtime.py).
+_runtime.default_tensorflow_environ()
 
 __version__ = "0.1.0"
 

@@ -135,6 +135,34 @@ def test_a_users_cache_flag_is_kept_and_the_option_can_turn_it_off(tmp_path):
     assert off == {} and not (tmp_path / "xla-cache").exists()
 
 
+def test_tensorflow_defaults_leave_a_users_setting_alone():
+    env = {}
+    assert runtime.default_tensorflow_environ(env) == {"TF_ENABLE_ONEDNN_OPTS": "0"}
+    assert env == {"TF_ENABLE_ONEDNN_OPTS": "0"}
+    mine = {"TF_ENABLE_ONEDNN_OPTS": "1"}
+    assert runtime.default_tensorflow_environ(mine) == {} and mine == {"TF_ENABLE_ONEDNN_OPTS": "1"}
+
+
+_ONEDNN_PROBE = (
+    "import diffusion_tf, tensorflow\n"
+    "from tensorflow.python.util import _pywrap_util_port as port\n"
+    "print('ONEDNN', port.IsMklEnabled())\n"
+)
+
+
+@pytest.mark.parametrize("given, expected", [(None, "False"), ("1", "True")])
+def test_importing_diffusion_tf_first_turns_onednn_off_unless_asked(given, expected):
+    """TensorFlow, imported after diffusion_tf, runs without oneDNN (its pooling allocator keeps
+    freed temporaries resident; runtime.py) unless the user set TF_ENABLE_ONEDNN_OPTS."""
+    env = dict(os.environ)
+    env.pop("TF_ENABLE_ONEDNN_OPTS", None)
+    if given is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = given
+    r = subprocess.run([sys.executable, "-c", _ONEDNN_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"ONEDNN {expected}" in r.stdout
+
+
 _CACHED_RUN = """
 import sys
 sys.path.insert(0, {tests!r})
