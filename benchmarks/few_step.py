@@ -73,6 +73,7 @@ PROMPT = sys.argv[6]
 steps, guidance = (1, 0.0) if recipe == "turbo" else (4, 8.5)
 t0 = time.perf_counter()
 if impl.startswith("ours"):
+    import diffusion_tf  # first: its TensorFlow environment defaults (runtime.py)
     import tensorflow as tf
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)

@@ -62,6 +62,8 @@ def main(argv=None):
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import numpy as np
+
+    import diffusion_tf  # noqa: F401  first: its TensorFlow environment defaults (runtime.py)
     import tensorflow as tf
 
     from diffusion_tf import runtime

@@ -48,6 +48,7 @@ def worker(impl, threads):
     cfg = get_preset(PRESET)["configs"]["unet"]
     if impl.startswith("ours"):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        import diffusion_tf  # noqa: F401  first: its TensorFlow environment defaults (runtime.py)
         import tensorflow as tf
 
         tf.config.threading.set_intra_op_parallelism_threads(threads)

@@ -30,6 +30,7 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "shapes_model_speed.json"))
     args = p.parse_args(argv)
 
+    import diffusion_tf  # noqa: F401  first: its TensorFlow environment defaults (runtime.py)
     import tensorflow as tf
 
     from diffusion_tf import Text2Image

@@ -60,6 +60,7 @@ PROMPT = "a photograph of an astronaut riding a horse"
 
 def _configure_threads(threads):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import diffusion_tf  # noqa: F401  first: its TensorFlow environment defaults (runtime.py)
     import tensorflow as tf
     import torch
 
